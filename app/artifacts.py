@@ -1,0 +1,237 @@
+"""Subspace artifacts on disk: ``models/<name>/<version>/{subspace.safetensors, manifest.json}``.
+
+A version is written once, atomically (temp dir + rename), and never changed; ``models/<name>/ACTIVE``
+names the active version (replaced atomically). Names and versions are validated so no path
+outside ``models/`` is ever touched. Loading checks the manifest against the loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from app.embedding import Embedder, EmbeddingConfig
+from app.quality import ThresholdPolicy
+from app.subspace import Subspace
+
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^v[0-9]{1,9}$")
+TENSORS = "subspace.safetensors"
+MANIFEST = "manifest.json"
+ACTIVE = "ACTIVE"
+
+
+class ArtifactError(ValueError):
+    """A subspace artifact is missing, malformed, or does not match the loaded model."""
+
+
+@dataclass
+class Manifest:
+    """Everything needed to reproduce and trust a subspace version."""
+
+    name: str
+    model_id: str
+    weights_digest: str
+    embedding: EmbeddingConfig
+    method: str
+    k: int
+    center: str
+    standardize: bool
+    shrinkage: float
+    signed: bool
+    kinds: list[str]
+    threshold: float
+    threshold_policy: ThresholdPolicy
+    calibration: dict[str, Any]
+    quality: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "created_at": self.created_at,
+            "model": {"id": self.model_id, "weights_sha256": self.weights_digest},
+            "embedding": self.embedding.as_dict(),
+            "subspace": {
+                "method": self.method,
+                "k": self.k,
+                "center": self.center,
+                "standardize": self.standardize,
+                "shrinkage": self.shrinkage,
+                "signed": self.signed,
+                "kinds": self.kinds,
+            },
+            "threshold": {"value": self.threshold, "policy": self.threshold_policy.as_dict()},
+            "calibration": self.calibration,
+            "quality": self.quality,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            sub = data["subspace"]
+            return cls(
+                name=data["name"],
+                version=data["version"],
+                created_at=data["created_at"],
+                format_version=data["format_version"],
+                model_id=data["model"]["id"],
+                weights_digest=data["model"]["weights_sha256"],
+                embedding=EmbeddingConfig.from_dict(data["embedding"]),
+                method=sub["method"],
+                k=sub["k"],
+                center=sub["center"],
+                standardize=sub["standardize"],
+                shrinkage=sub["shrinkage"],
+                signed=sub["signed"],
+                kinds=list(sub["kinds"]),
+                threshold=float(data["threshold"]["value"]),
+                threshold_policy=ThresholdPolicy(**data["threshold"]["policy"]),
+                calibration=data["calibration"],
+                quality=data.get("quality", {}),
+            )
+        except (KeyError, TypeError) as err:
+            raise ArtifactError(f"manifest is malformed: missing or wrong field {err}") from None
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ArtifactError(f"subspace name {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.match(version):
+        raise ArtifactError(f"version {version!r} must match {VERSION_RE.pattern}")
+    return version
+
+
+def list_versions(root: Path, name: str) -> list[str]:
+    """Published versions of ``name``, oldest first."""
+    base = root / check_name(name)
+    if not base.is_dir():
+        return []
+    found = [p.name for p in base.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda v: int(v[1:]))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def subspace_tensors(subspace: Subspace) -> dict[str, np.ndarray]:
+    return {
+        "components": subspace.components_,
+        "singular_values": subspace.singular_values_,
+        "mean": subspace.mean_,
+        "kind_means": subspace.kind_means_,
+        "scale": subspace.scale_,
+    }
+
+
+def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate: bool = True) -> Manifest:
+    """Publish a new immutable version (next free ``vN``) atomically; optionally make it active."""
+    base = root / check_name(manifest.name)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=base))
+    try:
+        save_file(subspace_tensors(subspace), str(tmp / TENSORS))
+        manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        while True:
+            existing = list_versions(root, manifest.name)
+            manifest.version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+            (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False))
+            for f in (TENSORS, MANIFEST):
+                with (tmp / f).open("rb") as fh:
+                    os.fsync(fh.fileno())
+            try:
+                os.rename(tmp, base / manifest.version)  # fails if a concurrent writer took the number
+                break
+            except OSError:
+                if not (base / manifest.version).exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if activate:
+        set_active(root, manifest.name, manifest.version)
+    return manifest
+
+
+def set_active(root: Path, name: str, version: str) -> None:
+    if check_version(version) not in list_versions(root, name):
+        raise ArtifactError(f"subspace {name!r} has no version {version!r}")
+    _atomic_write_text(root / name / ACTIVE, version + "\n")
+
+
+def active_version(root: Path, name: str) -> str | None:
+    pointer = root / check_name(name) / ACTIVE
+    if not pointer.is_file():
+        versions = list_versions(root, name)
+        return versions[-1] if versions else None
+    return check_version(pointer.read_text().strip())
+
+
+def load_version(root: Path, name: str, version: str | None = None) -> tuple[Subspace, Manifest]:
+    """Load a version (default: the active one) into a ready ``Subspace``."""
+    version = check_version(version) if version else active_version(root, name)
+    if version is None:
+        raise ArtifactError(f"no subspace named {name!r} under {root}")
+    path = root / name / version
+    if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
+        raise ArtifactError(f"subspace {name}/{version} is missing under {root}")
+    manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
+    if manifest.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"{name}/{version} has format {manifest.format_version}; this build reads {FORMAT_VERSION}")
+    tensors = load_file(str(path / TENSORS))
+    subspace = Subspace(
+        k=manifest.k,
+        method=manifest.method,  # type: ignore[arg-type]
+        center=manifest.center,  # type: ignore[arg-type]
+        standardize=manifest.standardize,
+        shrinkage=manifest.shrinkage,
+    )
+    subspace.components_ = tensors["components"]
+    subspace.singular_values_ = tensors["singular_values"]
+    subspace.mean_ = tensors["mean"]
+    subspace.kind_means_ = tensors["kind_means"]
+    subspace.scale_ = tensors["scale"]
+    subspace.kinds_ = tuple(manifest.kinds)
+    subspace.signed_ = manifest.signed
+    subspace.n_features_in_ = int(tensors["mean"].shape[0])
+    subspace.n_samples_ = int(manifest.calibration.get("n_samples", 0))
+    return subspace, manifest
+
+
+def check_compatible(manifest: Manifest, embedder: Embedder) -> None:
+    """Refuse a subspace fitted on another model: its scores would be meaningless."""
+    if manifest.weights_digest != embedder.weights_digest:
+        raise ArtifactError(
+            f"subspace {manifest.name}/{manifest.version} was fitted on {manifest.model_id} "
+            f"(weights sha256 {manifest.weights_digest[:12]}…) but the loaded model is {embedder.model_id} "
+            f"(sha256 {embedder.weights_digest[:12]}…); refit it for this model"
+        )
+    embedder.normalize_layers(manifest.embedding.layers)

