@@ -285,6 +285,70 @@ def eval_(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def sweep(
+    calibration: Annotated[Path, typer.Argument(help="Labelled calibration JSONL.", exists=True, dir_okay=False)],
+    eval_file: Annotated[Path | None, typer.Option("--eval", help="Labelled evaluation JSONL (default: 25% of calibration groups).")] = None,
+    layers: Annotated[str, typer.Option(help="Layer sets, ';'-separated, each comma-separated: '8;16;8,16'.")] = "4;8;12;16;20;24;28;30",
+    pooling: Annotated[str, typer.Option(help="Poolings to try: last,mean")] = "last,mean",
+    method: Annotated[str, typer.Option(help="Methods to try: saft,lda")] = "saft,lda",
+    k: Annotated[str, typer.Option(help="k values for saft")] = "1,2,4,8",
+    center: Annotated[str, typer.Option(help="Centerings: global,kind")] = "global,kind",
+    shrinkage: Annotated[str, typer.Option(help="Shrinkages for lda")] = "0.1,0.5,0.9",
+    template: str = "chat",
+    max_length: Annotated[int, typer.Option(min=8)] = 256,
+    truncation_side: str = "left",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N lines of each file.")] = None,
+    model: ModelOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write all rows as JSON here.")] = None,
+    top: Annotated[int, typer.Option(help="Rows to print.")] = 20,
+) -> None:
+    """Layer / pooling / method / k sweep: embed once, fit every combination, rank by worst per-kind AUROC."""
+    from itertools import islice
+
+    from app.sweep import embed_set, holdout_mask, run_sweep
+
+    settings = get_settings()
+    layer_sets = [_ints(part) for part in layers.split(";") if part.strip()]
+    all_layers = sorted({layer for ls in layer_sets for layer in ls})
+    poolings = _words(pooling)
+    base = EmbeddingConfig((all_layers[0],), poolings[0], template, max_length, truncation_side)  # type: ignore[arg-type]
+    try:
+        embedder = _load_embedder(model)
+
+        def load(path: Path):  # type: ignore[no-untyped-def]
+            total = min(_count_lines(path), limit or 1 << 62)
+            with path.open("rb") as fh, _progress(f"embedding {path.name}", total) as advance:
+                return embed_set(embedder, islice(read_lines(fh), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]
+                                 max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
+
+        train = load(calibration)
+        if eval_file is not None:
+            test = load(eval_file)
+        else:
+            held = holdout_mask(train.groups)
+            train, test = train.subset(~held), train.subset(held)
+        rows = run_sweep(train, test, layer_sets=layer_sets, poolings=poolings, methods=_words(method),
+                         ks=_ints(k), centers=_words(center), shrinkages=[float(x) for x in _words(shrinkage)])
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=1) + "\n")
+    kinds = sorted({kind for r in rows for kind in r.get("by_kind", {})})
+    table = Table(title=f"sweep: fit on {calibration.name}, measured on {eval_file.name if eval_file else 'held-out calibration groups'}")
+    for col in ("layers", "pooling", "method", "k", "center", "shrink", "worst AUROC", *(f"AUROC {x}" for x in kinds), *(f"TPR@5% {x}" for x in kinds)):
+        table.add_column(col)
+    for r in rows[:top]:
+        if "error" in r:
+            continue
+        by = r["by_kind"]
+        table.add_row(",".join(map(str, r["layers"])), r["pooling"], r["method"], str(r["k"]), r["center"], str(r["shrinkage"]),
+                      f"{r['worst_kind_auroc']:.3f}", *(f"{by[x]['auroc']:.3f}" for x in kinds),
+                      *(f"{by[x]['tpr_at_5pct_fpr']:.3f}" for x in kinds))
+    err.print(table)
+    typer.echo(json.dumps(rows[0] if rows else {}))
+
+
 @app.command(name="model-cache")
 def model_cache(
     clear: Annotated[bool, typer.Option(help="Delete the converted models.")] = False,

@@ -26,7 +26,7 @@ from app.items import Item, Template, make_formatter
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["last", "mean"]
+Pooling = Literal["last", "mean", "response"]
 TruncationSide = Literal["left", "right"]
 
 EMBEDDED_DECODER = "smollm2-135m-instruct"
@@ -69,6 +69,7 @@ class Encoded:
     input_ids: tuple[int, ...]
     n_tokens: int
     truncated: bool
+    response_start: int = 0  # first token of the final assistant turn (0 when there is none)
 
 
 class _StopForward(Exception):
@@ -231,21 +232,41 @@ class Embedder:
 
         return make_formatter(template, render)
 
-    def encode(self, texts: Sequence[str], config: EmbeddingConfig) -> list[Encoded]:
-        """Tokenize formatted texts and cut each to ``config.max_length`` on the configured side."""
+    def encode(self, texts: Sequence[str], config: EmbeddingConfig, response_chars: Sequence[int | None] | None = None) -> list[Encoded]:
+        """Tokenize formatted texts and cut each to ``config.max_length`` on the configured side.
+
+        ``response_chars`` gives, per text, the character where the final assistant turn starts, so
+        that "response" pooling can average over the answer only.
+        """
         add_special = not (config.template == "chat" and self._has_chat_template)
-        ids_list = self.tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
+        want_offsets = response_chars is not None and any(c is not None for c in response_chars)
+        enc = self.tokenizer(list(texts), add_special_tokens=add_special, return_offsets_mapping=want_offsets)
         out = []
-        for ids in ids_list:
+        for row, ids in enumerate(enc["input_ids"]):
             n = len(ids)
+            start = 0
+            if want_offsets and response_chars[row] is not None:  # type: ignore[index]
+                char = response_chars[row]  # type: ignore[index]
+                start = next((t for t, (a, _b) in enumerate(enc["offset_mapping"][row]) if a >= char), 0)
             if n > config.max_length:
-                ids = ids[-config.max_length :] if config.truncation_side == "left" else ids[: config.max_length]
-            out.append(Encoded(tuple(ids), n, n > config.max_length))
+                if config.truncation_side == "left":
+                    cut = n - config.max_length
+                    ids, start = ids[cut:], max(start - cut, 0)
+                else:
+                    ids = ids[: config.max_length]
+                    start = start if start < config.max_length else 0
+            out.append(Encoded(tuple(ids), n, n > config.max_length, start))
         return out
 
     def encode_items(self, items: Sequence[Item], config: EmbeddingConfig) -> list[Encoded]:
+        """Format (the one formatter of ``config.template``) and tokenize items."""
         fmt = self.formatter(config.template)
-        return self.encode([fmt(item) for item in items], config)
+        texts = [fmt(item) for item in items]
+        chars: list[int | None] = []
+        for item, text in zip(items, texts, strict=True):
+            role, content = item.turns[-1]
+            chars.append(text.rfind(content) if role == "assistant" else None)
+        return self.encode(texts, config, chars)
 
     # ----------------------------------------------------------------------------- forward
     def normalize_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
@@ -310,19 +331,26 @@ class Embedder:
         return captured, mask
 
     @torch.inference_mode()
+    def forward_multi(self, batch: Sequence[Encoded], layers: Sequence[int], poolings: Sequence[Pooling]) -> dict[str, np.ndarray]:
+        """Several poolings of several layers from one pass: {pooling: (n, len(layers), hidden)} float32."""
+        absolute = self.normalize_layers(layers)
+        captured, mask = self.hidden_states(batch, absolute)
+        starts = torch.tensor([e.response_start for e in batch], device=mask.device)
+        out = {}
+        for pooling in poolings:
+            vectors = torch.stack([pool(captured[i].float(), mask, pooling, starts) for i in absolute], dim=1).cpu().numpy()
+            bad = ~np.isfinite(vectors).reshape(len(batch), -1).all(axis=1)
+            if bad.any():
+                raise EmbeddingError(f"the model produced NaN/inf for batch rows {np.flatnonzero(bad).tolist()}")
+            out[pooling] = vectors
+        return out
+
     def forward(self, batch: Sequence[Encoded], config: EmbeddingConfig) -> np.ndarray:
         """Pooled hidden states of one batch, shape (len(batch), hidden * len(layers)), float32.
 
         Right padding with an attention mask: a text's vector does not depend on its batch-mates.
         """
-        layers = self.normalize_layers(config.layers)
-        captured, mask = self.hidden_states(batch, layers)
-        pooled = [pool(captured[i].float(), mask, config.pooling) for i in layers]
-        vectors = torch.cat(pooled, dim=1).cpu().numpy()
-        bad = ~np.isfinite(vectors).all(axis=1)
-        if bad.any():
-            raise EmbeddingError(f"the model produced NaN/inf for batch rows {np.flatnonzero(bad).tolist()}")
-        return vectors
+        return self.forward_multi(batch, config.layers, [config.pooling])[config.pooling].reshape(len(batch), -1)
 
     def embed(
         self,
@@ -342,15 +370,19 @@ class Embedder:
         return out
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """The one pooling function: last non-pad token (right padding) or the masked mean."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """The one pooling function (right padding): the last real token, the masked mean, or the mean
+    over the final assistant turn from ``starts`` on ("response"; the whole text when it has none)."""
     if pooling == "last":
         last = mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "mean":
+    if pooling in ("mean", "response"):
+        if pooling == "response" and starts is not None:
+            positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+            mask = mask * (positions >= starts[:, None])
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
-    raise EmbeddingError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    raise EmbeddingError(f"pooling must be 'last', 'mean' or 'response', got {pooling!r}")
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:

@@ -1,0 +1,91 @@
+"""Subspace artifacts: versioned, atomic, immutable, validated against the loaded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.artifacts import ArtifactError, Manifest, active_version, check_compatible, list_versions, load_version, save_version, set_active
+from app.embedding import Embedder, EmbeddingConfig
+from app.quality import ThresholdPolicy
+from app.subspace import Subspace
+
+
+def _fitted(seed: int = 0) -> tuple[Subspace, np.ndarray]:
+    X = np.random.default_rng(seed).normal(size=(50, 16)).astype(np.float32)
+    return Subspace(k=2).fit(X, ["text"] * 25 + ["pair"] * 25), X
+
+
+def _manifest(digest: str = "0" * 64) -> Manifest:
+    return Manifest(
+        name="demo", model_id="smollm2-135m-instruct", weights_digest=digest, embedding=EmbeddingConfig(layers=(3,)),
+        method="saft", k=2, center="global", standardize=True, shrinkage=0.1, signed=False, kinds=["pair", "text"],
+        threshold=1.5, threshold_policy=ThresholdPolicy("drop_rate", 0.1), calibration={"sha256": "x", "n_samples": 50},
+    )
+
+
+def test_roundtrip_scores_identically(tmp_path: Path) -> None:
+    sub, X = _fitted()
+    saved = save_version(tmp_path, sub, _manifest())
+    loaded, manifest = load_version(tmp_path, "demo")
+    assert manifest.version == saved.version == "v1"
+    assert manifest.threshold == 1.5 and manifest.embedding == EmbeddingConfig(layers=(3,))
+    assert np.array_equal(loaded.score_samples(X), sub.score_samples(X))
+    on_disk = json.loads((tmp_path / "demo" / "v1" / "manifest.json").read_text())
+    for key in ("model", "embedding", "subspace", "threshold", "calibration", "quality", "created_at", "version"):
+        assert key in on_disk
+    assert (tmp_path / "demo" / "v1" / "subspace.safetensors").is_file()
+
+
+def test_versions_increment_and_rollback(tmp_path: Path) -> None:
+    save_version(tmp_path, _fitted(0)[0], _manifest())
+    save_version(tmp_path, _fitted(1)[0], _manifest())
+    third = save_version(tmp_path, _fitted(2)[0], _manifest(), activate=False)
+    assert list_versions(tmp_path, "demo") == ["v1", "v2", "v3"]
+    assert third.version == "v3" and active_version(tmp_path, "demo") == "v2"
+    set_active(tmp_path, "demo", "v1")
+    assert load_version(tmp_path, "demo")[1].version == "v1"
+    assert not [p for p in (tmp_path / "demo").iterdir() if p.name.startswith(".")], "no temp dirs or files left"
+    with pytest.raises(ArtifactError, match="no version 'v9'"):
+        set_active(tmp_path, "demo", "v9")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "UPPER", ".hidden"])
+def test_names_outside_models_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ArtifactError, match="must match"):
+        load_version(tmp_path, name)
+
+
+@pytest.mark.parametrize("version", ["../v1", "v1/..", "1", "latest"])
+def test_bad_versions_are_refused(tmp_path: Path, version: str) -> None:
+    with pytest.raises(ArtifactError, match="must match"):
+        load_version(tmp_path, "demo", version)
+
+
+def test_mismatched_model_is_refused(tmp_path: Path, embedder: Embedder) -> None:
+    manifest = _manifest()
+    with pytest.raises(ArtifactError, match="refit it for this model"):
+        check_compatible(manifest, embedder)
+    manifest.weights_digest = embedder.weights_digest
+    check_compatible(manifest, embedder)
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    sub = Subspace(k=1)  # not fitted: writing its tensors fails midway
+    with pytest.raises(AttributeError):
+        save_version(tmp_path, sub, _manifest())
+    assert list_versions(tmp_path, "demo") == []
+    assert not list((tmp_path / "demo").iterdir())
+
+
+def test_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    save_version(tmp_path, _fitted()[0], _manifest())
+    path = tmp_path / "demo" / "v1" / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["threshold"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="malformed.*threshold"):
+        load_version(tmp_path, "demo")
