@@ -22,7 +22,7 @@ from rich.table import Table
 from app.artifacts import ArtifactError, check_compatible, load_version, save_version
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError
-from app.pipeline import FitOptions, fit_lines, file_digest, read_lines, score_lines
+from app.pipeline import EmbedFn, FitOptions, direct_embed, file_digest, fit_lines, line_record, read_lines, score_lines
 from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
 from app.report import write_report
 from app.subspace import FitError
@@ -68,6 +68,11 @@ def _load_scoring(name: str | None, version: str | None, model: str | None):  # 
     embedder = _load_embedder(model or manifest.model_id)
     check_compatible(manifest, embedder)
     return embedder, subspace, manifest
+
+
+def _direct(embedder: Embedder) -> EmbedFn:
+    settings = get_settings()
+    return direct_embed(embedder, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
 
 
 def _ints(text: str) -> list[int]:
@@ -117,7 +122,7 @@ def fit(
             result = fit_lines(
                 embedder, read_lines(fh), options, name=name, calibration_digest=file_digest(calibration),
                 calibration_path=calibration.name, progress=advance,
-                max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
+                embed=_direct(embedder),
             )
         manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activate)
     except USER_ERRORS as e:
@@ -148,17 +153,6 @@ def _open_out(path: Path | None) -> IO[bytes]:
     return sys.stdout.buffer if path is None or str(path) == "-" else path.open("wb")
 
 
-def _record(line: Any, scored: Any) -> dict[str, Any]:
-    rec: dict[str, Any] = {"line": line.number}
-    if line.obj is not None and "id" in line.obj:
-        rec["id"] = line.obj["id"]
-    if scored is None:
-        rec["error"] = line.error
-    else:
-        rec.update(score=scored.score, verdict=scored.verdict, truncated=scored.truncated, n_tokens=scored.n_tokens)
-    return rec
-
-
 @app.command()
 def score(
     input: Annotated[Path, typer.Argument(help="JSONL of items.", exists=True, dir_okay=False)],
@@ -180,11 +174,9 @@ def score(
                     out.write(orjson.dumps(rec) + b"\n")
             return
         embedder, subspace, manifest = _load_scoring(name, version, None)
-        settings = get_settings()
         with input.open("rb") as fh, _progress("scoring", _count_lines(input)) as advance:
-            for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
-                                            max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
-                out.write(orjson.dumps(_record(line, scored)) + b"\n")
+            for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
+                out.write(orjson.dumps(line_record(line, scored)) + b"\n")
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     finally:
@@ -208,14 +200,12 @@ def filter_(
         embedder, subspace, manifest = _load_scoring(name, version, None)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
-    settings = get_settings()
     counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
     with (
         input.open("rb") as fh, kept.open("wb") as kept_fh, dropped.open("wb") as dropped_fh, rejected.open("wb") as rejected_fh,
         _progress("filtering", _count_lines(input)) as advance,
     ):
-        for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
-                                        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
+        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
             counts["total"] += 1
             if scored is None:
                 counts["rejected"] += 1
@@ -249,11 +239,9 @@ def eval_(
         embedder, subspace, manifest = _load_scoring(name, version, None)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
-    settings = get_settings()
     scores, labels, kinds, sources, rejected = [], [], [], [], []
     with input.open("rb") as fh, _progress("evaluating", _count_lines(input)) as advance:
-        for line, scored in score_lines(embedder, subspace, manifest, read_lines(fh), threshold=threshold, progress=advance,
-                                        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size):
+        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
             if scored is None or line.label is None:
                 rejected.append(f"line {line.number}: {line.error or 'label: missing (eval needs label 0/1)'}")
                 continue
@@ -347,6 +335,21 @@ def sweep(
                       *(f"{by[x]['tpr_at_5pct_fpr']:.3f}" for x in kinds))
     err.print(table)
     typer.echo(json.dumps(rows[0] if rows else {}))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default SAFT_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default SAFT_PORT).")] = None,
+) -> None:
+    """Run the HTTP service (uvicorn) on the configured model and active subspace."""
+    import uvicorn
+
+    from app.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None,
+                timeout_graceful_shutdown=30)
 
 
 @app.command(name="model-cache")

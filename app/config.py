@@ -5,12 +5,13 @@ Nothing else in the package reads ``os.environ``; code receives a ``Settings`` i
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,41 @@ class Settings(BaseSettings):
 
     # --- batching in the core ------------------------------------------------------------------
     max_batch_tokens: int = Field(8192, ge=1, description="Padded-token budget of one forward pass.")
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1, description="Items per forward pass at most.")
+
+    # --- service ------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens for /score and /filter (JSON list or comma-separated); empty = open.",
+    )
+    admin_token: str | None = Field(None, description="Bearer token for /subspace writes; unset = writes refused.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a partial batch waits for more items.")
+    max_queue: int = Field(4096, ge=1, description="Queued items before /score answers 429.")
+    max_items_per_request: int = Field(1024, ge=1)
+    max_chars_per_item: int = Field(200_000, ge=1, description="Longer items are refused (413), not cut.")
+    max_body_bytes: int = Field(64 * 2**20, ge=1, description="Largest /score body, checked before parsing.")
+    max_upload_bytes: int = Field(1024 * 2**20, ge=1, description="Largest /filter or refit upload.")
+    filter_chunk_lines: int = Field(64, ge=1, description="Lines of a /filter stream scored together.")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _limits_fit_the_queue(self) -> Settings:
+        # One request's items are admitted to the queue together, so they must fit in it.
+        for name in ("max_items_per_request", "filter_chunk_lines"):
+            if getattr(self, name) > self.max_queue:
+                raise ValueError(f"SAFT_{name.upper()} ({getattr(self, name)}) must not exceed SAFT_MAX_QUEUE ({self.max_queue})")
+        return self
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

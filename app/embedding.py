@@ -1,7 +1,7 @@
 """Hidden-state embeddings from a real Hugging Face model: loading, tokenizing, layer capture, pooling.
 
-Owns the model. Knows nothing of HTTP, subspaces, queues or Redis. One ``Embedder`` is driven by
-one thread at a time (the CLI's loop or the service's inference worker).
+Owns the model. Knows nothing of HTTP, subspaces, queues or Redis. Forward passes run in one thread
+at a time (the CLI's loop or the service's inference worker); tokenizing may run in any thread.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,6 +193,8 @@ class Embedder:
         if self.pad_id is None:
             raise EmbeddingError(f"tokenizer of {model_id} has neither a pad nor an EOS token")
         self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -240,7 +243,8 @@ class Embedder:
         """
         add_special = not (config.template == "chat" and self._has_chat_template)
         want_offsets = response_chars is not None and any(c is not None for c in response_chars)
-        enc = self.tokenizer(list(texts), add_special_tokens=add_special, return_offsets_mapping=want_offsets)
+        with self._tokenizer_lock:
+            enc = self.tokenizer(list(texts), add_special_tokens=add_special, return_offsets_mapping=want_offsets)
         out = []
         for row, ids in enumerate(enc["input_ids"]):
             n = len(ids)

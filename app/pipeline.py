@@ -124,23 +124,17 @@ class EmbeddingSpool:
         self._file.close()
 
 
-def embed_lines(
-    embedder: Embedder,
-    lines: Iterable[Line],
-    config: EmbeddingConfig,
-    *,
-    chunk_size: int = 256,
-    max_batch_tokens: int = 8192,
-    max_batch_size: int = 32,
-    progress: Progress | None = None,
-) -> Iterator[tuple[list[Line], list[Encoded], np.ndarray]]:
-    """Embed valid lines chunk by chunk (chunking bounds memory); yields (lines, encodings, vectors)."""
-    for chunk in chunks(lines, chunk_size):
-        encoded = embedder.encode_items([line.item for line in chunk], config)  # type: ignore[misc]
-        vectors = embedder.embed(encoded, config, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
-        if progress is not None:
-            progress(len(chunk))
-        yield chunk, encoded, vectors
+EmbedFn = Callable[[Sequence[Item], EmbeddingConfig], tuple[list[Encoded], np.ndarray]]
+
+
+def direct_embed(embedder: Embedder, *, max_batch_tokens: int = 8192, max_batch_size: int = 32) -> EmbedFn:
+    """Embed in the calling thread (CLI, Ray actors); the service passes its batcher-backed function instead."""
+
+    def embed(items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
+        encoded = embedder.encode_items(items, config)
+        return encoded, embedder.embed(encoded, config, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+
+    return embed
 
 
 def fit_lines(
@@ -152,8 +146,7 @@ def fit_lines(
     calibration_digest: str,
     calibration_path: str = "",
     progress: Progress | None = None,
-    max_batch_tokens: int = 8192,
-    max_batch_size: int = 32,
+    embed: EmbedFn | None = None,
 ) -> FitResult:
     """Stream calibration lines into moments, fit, set τ by the policy, and describe it in a manifest.
 
@@ -175,10 +168,11 @@ def fit_lines(
     meta: dict[str, list[str]] = {"kind": [], "source": [], "item_kind": []}
     n_truncated = 0
     try:
-        for chunk, encoded, vectors in embed_lines(
-            embedder, valid(lines), config, progress=progress,
-            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
-        ):
+        embed = embed or direct_embed(embedder)
+        for chunk in chunks(valid(lines), 256):
+            encoded, vectors = embed([line.item for line in chunk], config)  # type: ignore[misc]
+            if progress is not None:
+                progress(len(chunk))
             kinds = [line.item.kind for line in chunk]  # type: ignore[union-attr]
             chunk_labels = [line.label for line in chunk]
             acc.update(vectors, kinds, chunk_labels)
@@ -248,8 +242,19 @@ class Scored:
     n_tokens: int
 
 
+def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
+    """The output record of one input line: its number and id, then the verdict or the error."""
+    rec: dict[str, Any] = {"line": line.number}
+    if line.obj is not None and "id" in line.obj:
+        rec["id"] = line.obj["id"]
+    if scored is None:
+        rec["error"] = line.error
+    else:
+        rec.update(score=scored.score, verdict=scored.verdict, truncated=scored.truncated, n_tokens=scored.n_tokens)
+    return rec
+
+
 def score_encoded(
-    embedder: Embedder,
     subspace: Subspace,
     manifest: Manifest,
     items: Sequence[Item],
@@ -267,15 +272,13 @@ def score_encoded(
 
 
 def score_lines(
-    embedder: Embedder,
     subspace: Subspace,
     manifest: Manifest,
     lines: Iterable[Line],
+    embed: EmbedFn,
     *,
     threshold: float | None = None,
     chunk_size: int = 256,
-    max_batch_tokens: int = 8192,
-    max_batch_size: int = 32,
     progress: Progress | None = None,
 ) -> Iterator[tuple[Line, Scored | None]]:
     """Every line in input order with its verdict, or ``None`` for a line that failed validation."""
@@ -284,9 +287,8 @@ def score_lines(
         results: dict[int, Scored] = {}
         if valid:
             items = [line.item for line in valid]
-            encoded = embedder.encode_items(items, manifest.embedding)  # type: ignore[arg-type]
-            vectors = embedder.embed(encoded, manifest.embedding, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
-            scored = score_encoded(embedder, subspace, manifest, items, encoded, vectors, threshold)  # type: ignore[arg-type]
+            encoded, vectors = embed(items, manifest.embedding)  # type: ignore[arg-type]
+            scored = score_encoded(subspace, manifest, items, encoded, vectors, threshold)  # type: ignore[arg-type]
             results = {line.number: s for line, s in zip(valid, scored, strict=True)}
         if progress is not None:
             progress(len(chunk))

@@ -1,0 +1,131 @@
+"""The FastAPI application: lifespan (load → subspace → warm up → batcher → ready), middleware, routers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__, metrics
+from app.api import errors, health, score, subspace
+from app.api.errors import PayloadTooLarge
+from app.config import Settings, get_settings
+from app.service import ScoringService
+
+log = logging.getLogger("saft.access")
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+STREAMING_UPLOADS = ("/filter", "/subspace/refit")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, with the request id of the request being served."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                                "msg": record.getMessage(), "request_id": request_id.get()}
+        data.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data).decode()
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class RequestContext:
+    """Request id, access log and per-route metrics; the body-size limit checked before parsing."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        path = scope["path"]
+        streaming = path in STREAMING_UPLOADS
+        limit = self.settings.max_upload_bytes if streaming else self.settings.max_body_bytes
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > limit:
+                await errors.error_response(PayloadTooLarge(f"body: {int(declared)} bytes exceed the limit of {limit} bytes"))(
+                    scope, receive, send_with_id)
+                return
+            received = 0
+
+            async def counting_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request" and not streaming:
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise PayloadTooLarge(f"body: more than the limit of {limit} bytes")
+                return message
+
+            await self.app(scope, counting_receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - start
+            metrics.REQUESTS.labels(template, scope["method"], str(status["code"])).inc()
+            metrics.REQUEST_SECONDS.labels(template, scope["method"]).observe(elapsed)
+            log.info("request", extra={"fields": {"method": scope["method"], "path": path, "status": status["code"],
+                                                  "ms": round(elapsed * 1000, 2)}})
+            request_id.reset(token)
+
+
+def create_app(settings: Settings | None = None, service: ScoringService | None = None) -> FastAPI:
+    """Build the app; the model is loaded in the lifespan, not at import."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        svc = service or ScoringService.load(settings)
+        app.state.service = svc
+        await svc.start()
+        logging.getLogger("saft").info("ready" if svc.ready else "started without an active subspace")
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(
+        title="saft-filter",
+        version=__version__,
+        description="SAFT: score fine-tuning samples by their projection onto a harmful-content subspace of an LLM's "
+        "hidden states, and drop those above τ.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(score.router)
+    app.include_router(subspace.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestContext, settings=settings)  # type: ignore[arg-type]
+    return app

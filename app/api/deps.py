@@ -1,0 +1,56 @@
+"""Dependencies: the service instance and bearer-token checks (constant-time)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.api.errors import Forbidden, Unauthorized
+from app.service import ScoringService
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def get_service(request: Request) -> ScoringService:
+    return request.app.state.service
+
+
+def _matches(token: str, candidates: list[str]) -> bool:
+    # Compare against every candidate so timing does not reveal which (if any) matched.
+    found = False
+    for candidate in candidates:
+        found |= hmac.compare_digest(token.encode(), candidate.encode())
+    return found
+
+
+def require_client(
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    service: ScoringService = Depends(get_service),
+) -> None:
+    """Scoring needs a client (or the admin) token when SAFT_API_TOKENS is set."""
+    settings = service.settings
+    if not settings.api_tokens:
+        return
+    if credentials is None:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    allowed = settings.api_tokens + ([settings.admin_token] if settings.admin_token else [])
+    if not _matches(credentials.credentials, allowed):
+        raise Unauthorized("unknown bearer token")
+
+
+def require_admin(
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    service: ScoringService = Depends(get_service),
+) -> None:
+    """Subspace writes need the admin token; without SAFT_ADMIN_TOKEN they are refused outright."""
+    admin = service.settings.admin_token
+    if not admin:
+        raise Forbidden("admin writes are disabled: set SAFT_ADMIN_TOKEN to enable /subspace writes")
+    if credentials is None:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    if not _matches(credentials.credentials, [admin]):
+        if _matches(credentials.credentials, service.settings.api_tokens):
+            raise Forbidden("a client token cannot write subspaces; use the admin token")
+        raise Unauthorized("unknown bearer token")

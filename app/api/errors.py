@@ -1,0 +1,100 @@
+"""The one error table (as TEI's): exception → status code, with a message a client can act on.
+
+Unexpected errors return a generic 500 body; the detail goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+
+from app.artifacts import ArtifactError
+from app.batching import BatcherClosed, QueueFull
+from app.embedding import EmbeddingError
+from app.items import ItemError
+from app.quality import ThresholdError
+from app.service import ItemTooLarge, NotReady, RefitInProgress
+from app.subspace import FitError
+
+log = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(ValueError):
+    """A body, upload, item count or item above its configured limit."""
+
+
+class NotFound(LookupError):
+    """A job or version that does not exist."""
+
+
+class Unauthorized(PermissionError):
+    """No or unknown bearer token."""
+
+
+class Forbidden(PermissionError):
+    """A valid token without the right (or admin writes disabled)."""
+
+
+TABLE: list[tuple[type[BaseException], int, str]] = [
+    (QueueFull, 429, "overloaded"),
+    (PayloadTooLarge, 413, "too_large"),
+    (ItemTooLarge, 413, "too_large"),
+    (ItemError, 422, "invalid_input"),
+    (FitError, 422, "invalid_input"),
+    (ThresholdError, 422, "invalid_input"),
+    (NotReady, 503, "not_ready"),
+    (BatcherClosed, 503, "not_ready"),
+    (RefitInProgress, 409, "refit_in_progress"),
+    (NotFound, 404, "not_found"),
+    (Unauthorized, 401, "unauthorized"),
+    (Forbidden, 403, "forbidden"),
+    (ArtifactError, 422, "invalid_input"),
+    (EmbeddingError, 422, "invalid_input"),
+]
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    for exc_type, status, kind in TABLE:
+        if isinstance(exc, exc_type):
+            return status, kind
+    return 500, "internal"
+
+
+def error_response(exc: BaseException) -> ORJSONResponse:
+    status, kind = status_of(exc)
+    headers = {}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(max(1, int(round(exc.retry_after_s))))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    message = str(exc) if status != 500 else "internal error"
+    return ORJSONResponse({"error": message, "type": kind}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:10]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    known = tuple(t for t, _, _ in TABLE)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        return ORJSONResponse({"error": _validation_message(exc), "type": "invalid_input"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception) -> ORJSONResponse:
+        if not isinstance(exc, known):
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(exc)
+
+    for exc_type in known:
+        app.add_exception_handler(exc_type, _any)  # type: ignore[arg-type]

@@ -1,0 +1,193 @@
+"""POST /score and POST /filter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import anyio
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from app import metrics
+from app.api.deps import get_service, require_client
+from app.api.errors import PayloadTooLarge
+from app.batching import QueueFull
+from app.pipeline import Line, parse_line
+from app.registry import ActiveSubspace
+from app.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
+from app.service import ItemTooLarge, ScoringService
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["scoring"], dependencies=[Depends(require_client)])
+
+
+class UploadStreamingResponse(StreamingResponse):
+    """A response streamed while its request body is still being read.
+
+    Starlette's StreamingResponse listens for a disconnect by calling ``receive()``, which would
+    steal the upload's body chunks. Here the body reader sees a disconnect itself (ClientDisconnect)
+    and the listener starts only once the body is consumed; either way the work is cancelled.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], body_done: asyncio.Event, media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self.body_done = body_done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                await self.body_done.wait()
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
+            try:
+                await self.stream_response(send)
+            except (OSError, ClientDisconnect):
+                log.info("client disconnected mid-stream; its remaining work was dropped")
+            group.cancel_scope.cancel()
+
+
+def _ref(snapshot: ActiveSubspace, threshold: float | None) -> SubspaceRef:
+    m = snapshot.manifest
+    return SubspaceRef(name=m.name, version=m.version, threshold=m.threshold if threshold is None else threshold)
+
+
+@router.post("/score", response_model=ScoreResponse, summary="Score items: a score and a keep/drop verdict each")
+async def score(body: ScoreRequest, service: ScoringService = Depends(get_service)) -> ScoreResponse:
+    limit = service.settings.max_items_per_request
+    if len(body.items) > limit:
+        raise PayloadTooLarge(f"items: {len(body.items)} items exceed the limit of {limit} per request")
+    items = [it.to_item() for it in body.items]
+    for i, item in enumerate(items):
+        service.check_size(item, f"items[{i}]")
+    snapshot = service.snapshot()
+    results = await service.score(items, snapshot, body.threshold)
+    return ScoreResponse(
+        results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, truncated=r.truncated, n_tokens=r.n_tokens)  # type: ignore[arg-type]
+                 for it, r in zip(body.items, results, strict=True)],
+        subspace=_ref(snapshot, body.threshold),
+    )
+
+
+async def _lines(request: Request, max_line_bytes: int, max_bytes: int) -> AsyncIterator[Line]:
+    """Numbered lines of the upload, read incrementally; oversize lines and uploads become errors."""
+    buffer = bytearray()
+    number = 0
+    received = 0
+    skipping = False  # inside an oversize line: drop bytes until its newline
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise PayloadTooLarge(f"body: upload exceeds the limit of {max_bytes} bytes")
+        buffer += chunk
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) > max_line_bytes and not skipping:
+                    number += 1
+                    skipping = True
+                    yield Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
+                if skipping:
+                    buffer.clear()
+                break
+            raw = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if skipping:
+                skipping = False
+                continue
+            number += 1
+            if len(raw) > max_line_bytes:
+                yield Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
+            elif raw.strip():  # blank lines keep their number but carry nothing to account for
+                yield parse_line(number, raw)
+    if buffer.strip() and not skipping:
+        yield parse_line(number + 1, bytes(buffer))
+
+
+@router.post(
+    "/filter",
+    summary="Filter a JSONL/NDJSON stream; one record per input line, then a summary",
+    openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "required": True}},
+    response_class=StreamingResponse,
+)
+async def filter_stream(
+    request: Request,
+    emit: Literal["all", "kept", "dropped"] = Query("all", description="Which scored lines to emit; errors and the summary always are."),
+    threshold: float | None = Query(None, description="Override τ for this request."),
+    service: ScoringService = Depends(get_service),
+) -> StreamingResponse:
+    settings = service.settings
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"body: {declared} bytes exceed the upload limit of {settings.max_upload_bytes} bytes")
+    snapshot = service.snapshot()  # one version for the whole stream
+    max_line_bytes = settings.max_chars_per_item * 4 + 4096
+
+    body_done = asyncio.Event()
+
+    async def records() -> AsyncIterator[bytes]:
+        counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
+        pending: list[Line] = []
+
+        async def flush() -> AsyncIterator[bytes]:
+            valid: list[Line] = []
+            errors: dict[int, str] = {}
+            for line in pending:
+                if line.item is None:
+                    errors[line.number] = line.error or "invalid"
+                    continue
+                try:
+                    service.check_size(line.item, "item")
+                    valid.append(line)
+                except ItemTooLarge as err:
+                    errors[line.number] = str(err)
+            scored = []
+            while valid:
+                try:  # a stream waits for capacity instead of failing mid-way
+                    scored = await service.score([line.item for line in valid], snapshot, threshold)  # type: ignore[misc]
+                    break
+                except QueueFull as err:
+                    await asyncio.sleep(min(err.retry_after_s, 1.0))
+            by_number = {line.number: s for line, s in zip(valid, scored, strict=True)}
+            for line in pending:
+                counts["total"] += 1
+                if line.number in errors:
+                    counts["rejected"] += 1
+                    metrics.REJECTED_LINES.inc()
+                    yield orjson.dumps({"line": line.number, "error": errors[line.number]}) + b"\n"
+                    continue
+                s = by_number[line.number]
+                counts["kept" if s.verdict == "keep" else "dropped"] += 1
+                if emit == "all" or (emit == "kept") == (s.verdict == "keep"):
+                    rec = {"line": line.number, "id": (line.obj or {}).get("id"), "verdict": s.verdict, "score": s.score,
+                           "truncated": s.truncated, "n_tokens": s.n_tokens, "item": line.obj}
+                    yield orjson.dumps(rec) + b"\n"
+            pending.clear()
+
+        aborted = None
+        try:
+            async for line in _lines(request, max_line_bytes, settings.max_upload_bytes):
+                pending.append(line)
+                if len(pending) >= settings.filter_chunk_lines:
+                    async for out in flush():
+                        yield out
+        except PayloadTooLarge as err:
+            aborted = str(err)
+        body_done.set()
+        async for out in flush():
+            yield out
+        if aborted is not None:  # the status line is already sent: say it in the stream
+            yield orjson.dumps({"line": None, "error": f"{aborted}; the rest of the upload was not read"}) + b"\n"
+        summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None)
+        yield orjson.dumps(summary.model_dump()) + b"\n"
+
+    return UploadStreamingResponse(records(), body_done, media_type="application/x-ndjson")

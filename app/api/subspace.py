@@ -1,0 +1,116 @@
+"""/subspace: the active version, versions, rollback, and refit jobs (writes need the admin token)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from app.api.deps import get_service, require_admin, require_client
+from app.api.errors import NotFound, PayloadTooLarge
+from app.artifacts import ArtifactError, check_version
+from app.embedding import EmbeddingConfig
+from app.pipeline import FitOptions
+from app.quality import ThresholdPolicy
+from app.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
+from app.service import ScoringService
+from app.subspace import FitError
+
+router = APIRouter(prefix="/subspace", tags=["subspace"])
+
+
+def _info(service: ScoringService, version: str) -> SubspaceInfo:
+    try:
+        manifest = service.registry.manifest(check_version(version))
+    except ArtifactError as err:
+        raise NotFound(str(err)) from None
+    current = service.registry.current
+    return SubspaceInfo(name=manifest.name, version=manifest.version,
+                        active=current is not None and current.manifest.version == manifest.version, manifest=manifest.to_json())
+
+
+@router.get("", response_model=SubspaceInfo, dependencies=[Depends(require_client)], summary="The active subspace")
+async def active(service: ScoringService = Depends(get_service)) -> SubspaceInfo:
+    snapshot = service.snapshot()
+    return _info(service, snapshot.manifest.version)
+
+
+@router.get("/versions", response_model=VersionList, dependencies=[Depends(require_client)])
+async def versions(service: ScoringService = Depends(get_service)) -> VersionList:
+    current = service.registry.current
+    return VersionList(name=service.registry.name, active=current.manifest.version if current else None,
+                       versions=service.registry.versions())
+
+
+@router.get("/versions/{version}", response_model=SubspaceInfo, dependencies=[Depends(require_client)])
+async def version_info(version: str, service: ScoringService = Depends(get_service)) -> SubspaceInfo:
+    return _info(service, version)
+
+
+@router.post("/versions/{version}/activate", response_model=SubspaceInfo, dependencies=[Depends(require_admin)],
+             summary="Activate a published version (rollback or roll forward)")
+async def activate(version: str, service: ScoringService = Depends(get_service)) -> SubspaceInfo:
+    check_version(version)
+    if version not in service.registry.versions():
+        raise NotFound(f"subspace {service.registry.name!r} has no version {version!r}")
+    await service.activate(version)
+    return _info(service, version)
+
+
+@router.post(
+    "/refit",
+    status_code=202,
+    response_model=RefitAccepted,
+    dependencies=[Depends(require_admin)],
+    summary="Refit from an uploaded calibration JSONL (labelled or not); returns a job id",
+    openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "required": True}},
+)
+async def refit(
+    request: Request,
+    layers: str = Query("-1", description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
+    pooling: Literal["last", "mean", "response"] = "last",
+    template: Literal["chat", "plain"] = "chat",
+    max_length: int = Query(256, ge=8, le=32768),
+    truncation_side: Literal["left", "right"] = "left",
+    method: Literal["saft", "lda"] = "saft",
+    k: int = Query(1, ge=1, le=4096),
+    center: Literal["global", "kind"] = "global",
+    standardize: bool = True,
+    shrinkage: float = Query(0.1, ge=0.0, le=1.0),
+    policy: str = Query("drop_rate:0.1", description="max_f1 | fpr:R | recall:R | drop_rate:Q"),
+    activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
+    service: ScoringService = Depends(get_service),
+) -> RefitAccepted:
+    options = FitOptions(
+        embedding=EmbeddingConfig(tuple(int(x) for x in layers.split(",")), pooling, template, max_length, truncation_side),
+        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, policy=ThresholdPolicy.parse(policy),
+    )
+    service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
+    limit = service.settings.max_upload_bytes
+    fd, path = tempfile.mkstemp(prefix="saft-refit-", suffix=".jsonl")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body: upload exceeds the limit of {limit} bytes")
+                fh.write(chunk)
+        if size == 0:
+            raise FitError("body: the calibration upload is empty")
+    except BaseException:
+        os.unlink(path)
+        raise
+    job = service.start_refit(Path(path), options, activate)
+    return RefitAccepted(job_id=job["job_id"], status=job["status"])
+
+
+@router.get("/jobs/{job_id}", response_model=JobState, dependencies=[Depends(require_client)])
+async def job(job_id: str, service: ScoringService = Depends(get_service)) -> JobState:
+    state = service.jobs.get(job_id)
+    if state is None:
+        raise NotFound(f"no refit job {job_id!r}")
+    return JobState(**state)

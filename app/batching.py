@@ -1,0 +1,395 @@
+"""The async micro-batcher: a bounded queue, token-budget batches and the one worker thread that runs them.
+
+Owns: admission (a bounded queue that refuses rather than grows), batch formation (same key only,
+padded cost ``max(cost) · len`` within a token budget, length bucketing around the oldest item),
+the wait for a batch to fill, cancellation of abandoned work, draining on shutdown, and per-batch
+statistics handed to a callback.
+
+Must not: know what a payload, a model, a route or a metric is (it is stdlib only and imports
+nothing from ``app``), or run ``process`` on the event loop. ``process`` runs only in the worker
+thread; results go back to the awaiting coroutine through ``loop.call_soon_threadsafe``.
+
+Shaped like Infinity's batch handler and TEI's queue: the HTTP layer validates, calls ``submit`` and
+awaits; the batcher decides what runs together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+#: Bounds on the Retry-After estimate: a client told "0 s" hammers us, one told "3 h" never returns.
+_MIN_RETRY_AFTER_S = 1.0
+_MAX_RETRY_AFTER_S = 60.0
+#: Weight of the newest batch in the throughput estimate (an exponential moving average).
+_RATE_ALPHA = 0.2
+
+
+class QueueFull(Exception):
+    """The queue cannot take the whole request now; ``retry_after_s`` estimates when it could."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosed(Exception):
+    """The batcher is stopping or stopped: new work is refused and, without drain, waiting work fails."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What one batch cost, for metrics; ``queue_depth`` is the items still waiting when it finished."""
+
+    size: int
+    padded_tokens: int
+    real_tokens: int
+    seconds: float
+    queue_depth: int
+    ok: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One ``submit``: its items are delivered together, so one future serves them all."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Any]]
+    results: list[Any]
+    remaining: int
+    # Set (under the lock) once the future was resolved, failed or abandoned: later results are dropped.
+    done: bool = False
+    items: list[_Item] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    payload: Any
+    cost: int
+    key: Hashable
+    seq: int  # arrival order across all keys: the oldest item has the smallest seq
+    enqueued: float  # time.monotonic() at submit
+    call: _Call
+    index: int  # position in the call's payloads, hence in its results
+
+
+def _set_result(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
+    # The awaiting task may have been cancelled meanwhile; a cancelled future takes no result.
+    if not future.done():
+        future.set_result(results)
+
+
+def _set_exception(future: asyncio.Future[list[Any]], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _post(call: _Call, fn: Callable[[asyncio.Future[list[Any]], Any], None], arg: Any) -> None:
+    """Hand a result to the call's own loop; only that loop may touch its future."""
+    try:
+        call.loop.call_soon_threadsafe(fn, call.future, arg)
+    except RuntimeError:
+        # The submitting loop has closed, so no coroutine is left to receive this.
+        log.debug("dropping a result for a closed event loop")
+
+
+class MicroBatcher(Generic[P, R]):
+    """Collects items from many coroutines into token-budget batches and runs ``process`` on them in one thread.
+
+    ``process(payloads)`` must return one result per payload, in order. It runs in the worker thread
+    only, one batch at a time, so a model that is not thread-safe needs no lock of its own.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[P]], Sequence[R]],
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        name: str = "default",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        limits = {"max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size, "max_queue": max_queue}
+        for field_name, value in limits.items():
+            if value < 1:
+                raise ValueError(f"{field_name} must be >= 1, got {value}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self._process = process
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.name = name
+        self._on_batch = on_batch
+
+        self._cond = threading.Condition()
+        # Waiting items by seq; dicts keep insertion order, so the first entry is the oldest.
+        self._waiting: dict[int, _Item] = {}
+        self._by_key: dict[Hashable, dict[int, _Item]] = {}
+        self._seq = itertools.count()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._items_per_s: float | None = None  # throughput while busy, for Retry-After
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (a daemon, so a forgotten ``stop`` cannot keep the process alive)."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError(f"batcher {self.name!r} was already started")
+            if self._closed:
+                raise BatcherClosed(f"batcher {self.name!r} was stopped and cannot be restarted")
+            self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.name}", daemon=True)
+            self._thread.start()
+
+    async def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Refuse new work; with ``drain`` finish what is queued, else fail it with ``BatcherClosed``.
+
+        Waits up to ``timeout_s`` for the worker to end. If it does not (a batch hangs), whatever is
+        still waiting fails with ``BatcherClosed`` and ``TimeoutError`` is raised. Calling it again
+        is harmless.
+        """
+        with self._cond:
+            self._closed = True
+            if not drain or self._thread is None:
+                self._fail_waiting(BatcherClosed(f"batcher {self.name!r} stopped before this work ran"))
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is None:
+            return
+        await asyncio.to_thread(thread.join, timeout_s)
+        if thread.is_alive():
+            with self._cond:
+                self._fail_waiting(BatcherClosed(f"batcher {self.name!r} did not drain within {timeout_s} s"))
+                self._cond.notify_all()
+            raise TimeoutError(f"batcher {self.name!r}: worker still busy after stop timeout_s={timeout_s}")
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (not those already running)."""
+        with self._cond:
+            return len(self._waiting)
+
+    # ---- the event-loop side ---------------------------------------------------------------------
+
+    async def submit(self, payloads: Sequence[P], costs: Sequence[int], key: Hashable = None) -> list[R]:
+        """Queue ``payloads`` (all or none) and return their results in order.
+
+        ``costs[i]`` is payload i's token count; ``key`` groups payloads that may share a batch.
+        Raises ``QueueFull`` when the queue cannot take all of them now, ``ValueError`` when the call
+        alone exceeds ``max_queue`` (no wait would help: split it), ``BatcherClosed`` once stopping.
+        Cancelling the awaiting task withdraws the items still waiting.
+        """
+        n = len(payloads)
+        if len(costs) != n:
+            raise ValueError(f"costs: got {len(costs)} costs for {n} payloads")
+        for i, cost in enumerate(costs):
+            if cost < 0:
+                raise ValueError(f"costs[{i}]: a token count must be >= 0, got {cost}")
+        if n > self.max_queue:
+            raise ValueError(f"payloads: {n} items in one call exceed max_queue={self.max_queue}; split the request")
+        if n == 0:
+            return []
+        loop = asyncio.get_running_loop()
+        call = _Call(loop=loop, future=loop.create_future(), results=[None] * n, remaining=n)
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed(f"batcher {self.name!r} is stopping; no new work is accepted")
+            if self._thread is None:
+                raise RuntimeError(f"batcher {self.name!r}: call start() before submit()")
+            depth = len(self._waiting)
+            if depth + n > self.max_queue:
+                retry = self._retry_after(depth + n - self.max_queue)
+                raise QueueFull(
+                    f"batcher {self.name!r}: {depth} items waiting + {n} new exceed max_queue={self.max_queue}; "
+                    f"retry in {retry:.0f} s",
+                    retry,
+                )
+            now = time.monotonic()
+            by_key = self._by_key.setdefault(key, {})
+            for i, (payload, cost) in enumerate(zip(payloads, costs)):
+                item = _Item(payload, int(cost), key, next(self._seq), now, call, i)
+                call.items.append(item)
+                self._waiting[item.seq] = item
+                by_key[item.seq] = item
+            self._cond.notify()
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            self._abandon(call)
+            raise
+
+    def _abandon(self, call: _Call) -> None:
+        """The client went away: withdraw its waiting items; running ones finish and are dropped."""
+        with self._cond:
+            call.done = True
+            self._withdraw(call)
+
+    def _retry_after(self, excess: int) -> float:
+        """Seconds until ``excess`` more items could fit, from recent throughput."""
+        rate = self._items_per_s
+        seconds = excess / rate if rate else _MIN_RETRY_AFTER_S
+        return float(min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, math.ceil(seconds))))
+
+    # ---- queue bookkeeping (caller holds the lock) -----------------------------------------------
+
+    def _remove(self, item: _Item) -> None:
+        del self._waiting[item.seq]
+        same_key = self._by_key[item.key]
+        del same_key[item.seq]
+        if not same_key:
+            del self._by_key[item.key]  # keys come and go; do not keep an entry per key ever seen
+
+    def _withdraw(self, call: _Call) -> None:
+        for item in call.items:
+            if item.seq in self._waiting:
+                self._remove(item)
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        for item in list(self._waiting.values()):
+            if not item.call.done:
+                item.call.done = True
+                _post(item.call, _set_exception, exc)
+        self._waiting.clear()
+        self._by_key.clear()
+
+    def _form(self, anchor: _Item) -> tuple[list[_Item], bool]:
+        """The batch around ``anchor``: same key, nearest in cost, within size and token budget.
+
+        Sorting by cost and growing a window around the anchor keeps short and long texts apart, so
+        padding stays small. Returns the batch and whether it is full (no further item could join).
+        """
+        items = sorted(self._by_key[anchor.key].values(), key=lambda it: (it.cost, it.seq))
+        at = next(i for i, it in enumerate(items) if it is anchor)
+        lo = hi = at
+        while hi - lo + 1 < self.max_batch_size:
+            grown = hi - lo + 2
+            # Sorted by cost, so items[hi] is the batch's max cost: a left neighbour keeps it, a right one raises it.
+            left = items[lo - 1] if lo > 0 and items[hi].cost * grown <= self.max_batch_tokens else None
+            right = items[hi + 1] if hi + 1 < len(items) and items[hi + 1].cost * grown <= self.max_batch_tokens else None
+            if left is None and right is None:
+                break
+            if right is None or (left is not None and anchor.cost - left.cost <= right.cost - anchor.cost):
+                lo -= 1
+            else:
+                hi += 1
+        size = hi - lo + 1
+        full = size >= self.max_batch_size or items[hi].cost * (size + 1) > self.max_batch_tokens
+        return items[lo : hi + 1], full
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Block until a batch should run and take it from the queue; None when the worker should end.
+
+        The oldest item's batch runs once full or once that item has waited ``max_wait_s``. While it
+        is still filling, a full batch of another key may run: idling the device helps nobody, and
+        the oldest item's deadline still bounds its wait.
+        """
+        while True:
+            if not self._waiting:
+                if self._closed:
+                    return None
+                self._cond.wait()
+                continue
+            oldest = next(iter(self._waiting.values()))
+            batch, full = self._form(oldest)
+            now = time.monotonic()
+            deadline = oldest.enqueued + self.max_wait_s
+            if not (full or self._closed or now >= deadline):
+                other = self._full_batch_of_other_key(oldest.key)
+                if other is None:
+                    self._cond.wait(deadline - now)
+                    continue
+                batch = other
+            for item in batch:
+                self._remove(item)
+            return batch
+
+    def _full_batch_of_other_key(self, skip: Hashable) -> list[_Item] | None:
+        for key, same_key in self._by_key.items():
+            if key == skip:
+                continue
+            batch, full = self._form(next(iter(same_key.values())))
+            if full:
+                return batch
+        return None
+
+    # ---- the worker thread -----------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        finally:
+            # Normally a no-op (stop drained the queue); after an unexpected death it unblocks every waiter.
+            with self._cond:
+                self._closed = True
+                self._fail_waiting(BatcherClosed(f"batcher {self.name!r}: worker thread ended"))
+
+    def _run(self, batch: list[_Item]) -> None:
+        """Run one batch and deliver its results; an error fails this batch's callers only."""
+        error: Exception | None = None
+        results: list[R] = []
+        start = time.perf_counter()
+        try:
+            results = list(self._process([item.payload for item in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"batcher {self.name!r}: process returned {len(results)} results for {len(batch)} payloads")
+        except Exception as exc:
+            error = exc
+            log.error("batcher %r: a batch of %d items failed", self.name, len(batch), exc_info=exc)
+        seconds = time.perf_counter() - start
+        with self._cond:
+            if error is None:
+                for item, result in zip(batch, results):
+                    call = item.call
+                    if call.done:
+                        continue  # cancelled, or failed in another batch: the result has no taker
+                    call.results[item.index] = result
+                    call.remaining -= 1
+                    if call.remaining == 0:
+                        call.done = True
+                        _post(call, _set_result, call.results)
+            else:
+                for item in batch:
+                    call = item.call
+                    if not call.done:
+                        call.done = True
+                        _post(call, _set_exception, error)
+                        self._withdraw(call)  # its other items would only be computed and thrown away
+            rate = len(batch) / max(seconds, 1e-6)
+            self._items_per_s = rate if self._items_per_s is None else (1 - _RATE_ALPHA) * self._items_per_s + _RATE_ALPHA * rate
+            depth = len(self._waiting)
+        if self._on_batch is not None:
+            stats = BatchStats(
+                size=len(batch),
+                padded_tokens=max(item.cost for item in batch) * len(batch),
+                real_tokens=sum(item.cost for item in batch),
+                seconds=seconds,
+                queue_depth=depth,
+                ok=error is None,
+            )
+            try:
+                self._on_batch(stats)
+            except Exception:
+                # A metrics hook must not take inference down with it; the log keeps the error visible.
+                log.exception("batcher %r: on_batch callback failed", self.name)

@@ -1,0 +1,27 @@
+"""Prometheus collectors, named once (``saft_..._total``, ``saft_..._seconds``), low-cardinality labels."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("saft_requests_total", "HTTP requests by route and status.", ["route", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "saft_request_seconds", "HTTP request latency by route.", ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+QUEUE_DEPTH = Gauge("saft_queue_depth", "Items waiting for the inference worker.")
+BATCH_SIZE = Histogram("saft_batch_size", "Items per forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_TOKENS = Histogram(
+    "saft_batch_tokens", "Padded tokens per forward pass.", buckets=(64, 256, 512, 1024, 2048, 4096, 8192, 16384)
+)
+INFERENCE_SECONDS = Histogram(
+    "saft_inference_seconds", "Forward-pass time per batch.", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+)
+TOKENIZE_SECONDS = Histogram("saft_tokenize_seconds", "Formatting and tokenization time per request chunk.")
+ITEMS_SCORED = Counter("saft_items_scored_total", "Items scored.")
+VERDICTS = Counter("saft_verdicts_total", "Verdicts given.", ["verdict"])
+TRUNCATIONS = Counter("saft_truncations_total", "Items cut to the maximum length.")
+REJECTED_LINES = Counter("saft_rejected_lines_total", "Invalid /filter lines answered with an error record.")
+QUEUE_FULL = Counter("saft_queue_full_total", "Requests answered 429 because the queue was full.")
+ACTIVE_VERSION = Gauge("saft_active_subspace_version", "Active subspace version number (vN → N).", ["name"])
+REFITS = Counter("saft_refits_total", "Refit jobs by outcome.", ["outcome"])

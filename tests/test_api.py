@@ -1,0 +1,254 @@
+"""The HTTP service end to end: real uvicorn on loopback, the real default model, real data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.artifacts import save_version
+from app.embedding import Embedder, EmbeddingConfig
+from app.items import parse_item
+from app.pipeline import FitOptions, fit_lines, parse_line, score_encoded
+from app.quality import ThresholdPolicy
+from app.registry import ActiveSubspace
+from tests.server import running_server
+
+CLIENT, ADMIN = "client-token-1", "admin-token-1"
+C = {"Authorization": f"Bearer {CLIENT}"}
+A = {"Authorization": f"Bearer {ADMIN}"}
+OPTIONS = FitOptions(EmbeddingConfig(layers=(8,), pooling="response", max_length=128), method="lda", center="kind",
+                     shrinkage=0.5, policy=ThresholdPolicy("max_f1"))
+
+
+def _fit(embedder: Embedder, rows: list[dict], models: Path) -> ActiveSubspace:
+    lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(rows)]
+    result = fit_lines(embedder, lines, OPTIONS, name="apitest", calibration_digest="test")
+    manifest = save_version(models, result.subspace, result.manifest)
+    return ActiveSubspace(result.subspace, manifest)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, calibration_rows: list[dict]):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("api")
+    snapshot = _fit(embedder, calibration_rows, root / "models")
+    env = {"SAFT_MODELS_DIR": str(root / "models"), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_API_TOKENS": CLIENT,
+           "SAFT_ADMIN_TOKEN": ADMIN, "SAFT_MAX_ITEMS_PER_REQUEST": "64", "SAFT_MAX_CHARS_PER_ITEM": "20000",
+           "SAFT_MAX_BODY_BYTES": str(2 * 2**20), "SAFT_FILTER_CHUNK_LINES": "8"}
+    with running_server(env, root / "server.log") as url:
+        yield url, snapshot, root
+
+
+def _expected(embedder: Embedder, snapshot: ActiveSubspace, objs: list[dict]) -> np.ndarray:
+    items = [parse_item(o) for o in objs]
+    encoded = embedder.encode_items(items, snapshot.manifest.embedding)
+    vectors = np.stack([embedder.forward([e], snapshot.manifest.embedding)[0] for e in encoded])  # each alone
+    return np.array([r.score for r in score_encoded(snapshot.subspace, snapshot.manifest, items, encoded, vectors)])
+
+
+def test_health_ready_metrics_openapi(served) -> None:
+    url, _, _ = served
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["status"] == "ready" and ready["subspace"] == {"name": "apitest", "version": "v1"}
+    schema = httpx.get(f"{url}/openapi.json").json()
+    for path in ("/score", "/filter", "/subspace/refit", "/subspace/versions/{version}/activate", "/readyz"):
+        assert path in schema["paths"]
+    assert schema["components"]["schemas"]["ItemIn"]["examples"]
+    httpx.post(f"{url}/score", json={"items": [{"text": "warm"}]}, headers=C)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("saft_requests_total", "saft_request_seconds", "saft_queue_depth", "saft_batch_size", "saft_batch_tokens",
+                 "saft_inference_seconds", "saft_items_scored_total", "saft_verdicts_total", "saft_truncations_total",
+                 'saft_active_subspace_version{name="apitest"} 1.0'):
+        assert name in text
+    assert 'route="/score"' in text
+
+
+def test_score_matches_core_and_names_version(served, embedder: Embedder, dev_rows: list[dict]) -> None:
+    url, snapshot, _ = served
+    objs = [{"text": "How do I bake sourdough bread at home?"},
+            {"prompt": "Explain photosynthesis.", "response": "Plants turn light, water and CO2 into sugar."},
+            {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"}]},
+            *({k: r[k] for k in ("prompt", "response") if k in r} if r["kind"] == "pair" else {"text": r["text"]} for r in dev_rows[:9])]
+    body = {"items": [{**o, "id": i} for i, o in enumerate(objs)]}
+    response = httpx.post(f"{url}/score", json=body, headers=C, timeout=120)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["subspace"] == {"name": "apitest", "version": "v1", "threshold": snapshot.manifest.threshold}
+    got = np.array([r["score"] for r in data["results"]])
+    assert [r["id"] for r in data["results"]] == list(range(len(objs)))
+    # Scored inside a mixed-length server batch, equal to each item embedded alone in-process.
+    assert np.abs(got - _expected(embedder, snapshot, objs)).max() <= 1e-4 * np.abs(got).max()
+    for r in data["results"]:
+        assert r["verdict"] == ("drop" if r["score"] > snapshot.manifest.threshold else "keep")
+        assert r["n_tokens"] > 0 and isinstance(r["truncated"], bool)
+    low = httpx.post(f"{url}/score", json={**body, "threshold": -1e30}, headers=C, timeout=120).json()
+    assert {r["verdict"] for r in low["results"]} == {"drop"} and low["subspace"]["threshold"] == -1e30
+
+
+def test_concurrent_clients_get_batch_independent_scores(served, embedder: Embedder, dev_rows: list[dict]) -> None:
+    url, snapshot, _ = served
+    texts = [r["text"] if r["kind"] == "prompt" else r["prompt"] for r in dev_rows[:16]]
+    expected = _expected(embedder, snapshot, [{"text": t} for t in texts])
+
+    async def main() -> list[list[float]]:
+        async with httpx.AsyncClient(base_url=url, headers=C, timeout=300) as client:
+            async def one(i: int) -> list[float]:
+                # Each client sends a different rotation, so every text meets different batch-mates.
+                order = texts[i:] + texts[:i]
+                r = await client.post("/score", json={"items": [{"text": t} for t in order]})
+                assert r.status_code == 200, r.text
+                scores = [x["score"] for x in r.json()["results"]]
+                return scores[-i:] + scores[:-i] if i else scores
+            return await asyncio.gather(*(one(i) for i in range(12)))
+
+    for scores in asyncio.run(main()):
+        assert np.abs(np.array(scores) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_limits_and_validation(served) -> None:
+    url, _, _ = served
+    r = httpx.post(f"{url}/score", json={"items": [{"text": "x"}] * 65}, headers=C)
+    assert r.status_code == 413 and "65 items exceed the limit of 64" in r.json()["error"]
+    r = httpx.post(f"{url}/score", json={"items": [{"text": "a" * 20001}]}, headers=C)
+    assert r.status_code == 413 and "items[0]: 20001 characters exceed the limit of 20000" in r.json()["error"]
+    r = httpx.post(f"{url}/score", content=b'{"items": [{"text": "' + b"a" * (3 * 2**20) + b'"}]}', headers={**C, "content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 2097152 bytes" in r.json()["error"]
+    r = httpx.post(f"{url}/score", json={"items": [{"text": "ok"}, {"text": "  "}]}, headers=C)
+    assert r.status_code == 422 and "items.1" in r.json()["error"] and "text: is empty" in r.json()["error"]
+    r = httpx.post(f"{url}/score", json={"items": [{"prompt": "p"}, {"id": 3}]}, headers=C)
+    assert r.status_code == 422 and "items.1: item: needs one of" in r.json()["error"]
+    r = httpx.post(f"{url}/score", json={"items": []}, headers=C)
+    assert r.status_code == 422 and "items" in r.json()["error"]
+    r = httpx.post(f"{url}/score", content=b"{not json", headers={**C, "content-type": "application/json"})
+    assert r.status_code == 422
+    r = httpx.post(f"{url}/score", json={"items": [{"text": 5}]}, headers=C)
+    assert r.status_code == 422 and "items.0.text" in r.json()["error"]
+
+
+def test_auth(served) -> None:
+    url, _, _ = served
+    body = {"items": [{"text": "hi"}]}
+    assert httpx.post(f"{url}/score", json=body).status_code == 401
+    r = httpx.post(f"{url}/score", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{url}/score", json=body, headers=A).status_code == 200
+    for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 401), (C, 403)):
+        assert httpx.post(f"{url}/subspace/versions/v1/activate", headers=headers).status_code == status
+        assert httpx.post(f"{url}/subspace/refit", content=b'{"text": "x"}', headers=headers).status_code == status
+    assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
+
+
+def test_filter_stream_accounts_for_every_line(served, dev_rows: list[dict]) -> None:
+    url, snapshot, _ = served
+    good = [json.dumps(r) for r in dev_rows[:20]]
+    lines = good[:5] + ["{broken", json.dumps({"text": ""}), "", json.dumps({"text": "a" * 20001})] + good[5:]
+    payload = "\n".join(lines).encode() + b"\n\xff\xfe not utf-8"  # line 25, no trailing newline
+    with httpx.stream("POST", f"{url}/filter", content=payload, headers={**C, "content-type": "application/x-ndjson"}, timeout=300) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        records = [json.loads(x) for x in r.iter_lines() if x]
+    summary = records[-1]
+    assert summary["summary"] is True and summary["complete"] is True
+    assert summary["subspace"]["version"] == "v1"
+    assert summary["total"] == 24 and summary["rejected"] == 4 and summary["kept"] + summary["dropped"] == 20
+    errors = {r["line"]: r["error"] for r in records[:-1] if "error" in r}
+    assert set(errors) == {6, 7, 9, 25}  # line 8 is blank: numbered, nothing to account for
+    assert errors[6].startswith("invalid JSON") and errors[7].startswith("text: is empty")
+    assert "20001 characters exceed the limit" in errors[9]
+    scored = [r for r in records[:-1] if "verdict" in r]
+    assert [r["id"] for r in scored] == [r["id"] for r in dev_rows[:20]]
+    assert all(r["item"]["id"] == r["id"] for r in scored)
+    kept_only = httpx.post(f"{url}/filter?emit=kept", content=payload, headers=C, timeout=300).text.splitlines()
+    kept_records = [json.loads(x) for x in kept_only if x]
+    assert {r.get("verdict") for r in kept_records[:-1] if "verdict" in r} <= {"keep"}
+    assert len([r for r in kept_records if r.get("verdict") == "keep"]) == summary["kept"]
+    assert len([r for r in kept_records if "error" in r]) == 4
+
+
+def test_refit_under_load_then_rollback(served, calibration_rows: list[dict], dev_rows: list[dict]) -> None:
+    url, _, root = served
+    upload = "\n".join(json.dumps(r) for r in calibration_rows).encode()
+    query = "layers=8&pooling=response&max_length=128&method=lda&center=kind&shrinkage=0.5&policy=fpr:0.1"
+
+    async def main() -> tuple[list[str], dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            r = await client.post(f"/subspace/refit?{query}", content=upload, headers=A)
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            busy = await client.post(f"/subspace/refit?{query}", content=upload, headers=A)
+            assert busy.status_code == 409 and "already running" in busy.json()["error"]
+            versions: list[str] = []
+            job: dict = {}
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                batch = await asyncio.gather(*(client.post("/score", headers=C, json={"items": [{"text": r["text"][:500]} for r in dev_rows[i:i + 3]]})
+                                               for i in range(4)))
+                for resp in batch:
+                    assert resp.status_code == 200, resp.text  # no failed request during the refit
+                    versions.append(resp.json()["subspace"]["version"])
+                job = (await client.get(f"/subspace/jobs/{job_id}", headers=C)).json()
+                if job["status"] in ("succeeded", "failed"):
+                    break
+            return versions, job
+
+    versions, job = asyncio.run(main())
+    assert job["status"] == "succeeded", job
+    assert job["version"] == "v2" and job["activated"] and job["quality"]["overall"]["auroc"] > 0.5
+    assert job["progress"]["lines"] == len(calibration_rows)
+    assert set(versions) <= {"v1", "v2"}
+    after = httpx.post(f"{url}/score", json={"items": [{"text": "hello"}]}, headers=C).json()
+    assert after["subspace"]["version"] == "v2"
+    listing = httpx.get(f"{url}/subspace/versions", headers=C).json()
+    assert listing == {"name": "apitest", "active": "v2", "versions": ["v1", "v2"]}
+    info = httpx.get(f"{url}/subspace", headers=C).json()
+    assert info["manifest"]["threshold"]["policy"] == {"kind": "fpr", "value": 0.1}
+    r = httpx.post(f"{url}/subspace/versions/v1/activate", headers=A)
+    assert r.status_code == 200 and r.json()["active"] is True
+    assert httpx.post(f"{url}/score", json={"items": [{"text": "hello"}]}, headers=C).json()["subspace"]["version"] == "v1"
+    assert (root / "models" / "apitest" / "ACTIVE").read_text().strip() == "v1"
+    assert httpx.post(f"{url}/subspace/versions/v9/activate", headers=A).status_code == 404
+    assert httpx.post(f"{url}/subspace/versions/..%2Fx/activate", headers=A).status_code in (404, 422)
+
+
+def test_failed_refit_is_reported_and_publishes_nothing(served) -> None:
+    url, _, root = served
+    before = sorted(p.name for p in (root / "models" / "apitest").iterdir())
+    r = httpx.post(f"{url}/subspace/refit?layers=8&max_length=64", content=b'{"text": "fine"}\n{"text": ""}\n', headers=A)
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    for _ in range(300):
+        job = httpx.get(f"{url}/subspace/jobs/{job_id}", headers=C).json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "failed" and "line 2: text: is empty" in job["error"]
+    assert sorted(p.name for p in (root / "models" / "apitest").iterdir()) == before
+    assert httpx.post(f"{url}/subspace/refit?layers=99", content=b'{"text": "x"}', headers=A).status_code == 422
+    assert httpx.get(f"{url}/subspace/jobs/nope", headers=C).status_code == 404
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict]) -> None:
+    _fit(embedder, calibration_rows, tmp_path / "models")
+    env = {"SAFT_MODELS_DIR": str(tmp_path / "models"), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_MAX_QUEUE": "8", "SAFT_FILTER_CHUNK_LINES": "8",
+           "SAFT_MAX_BATCH_SIZE": "2", "SAFT_MAX_ITEMS_PER_REQUEST": "8"}
+    long_text = "Tell me a long story about the sea and its sailors. " * 12
+    with running_server(env, tmp_path / "server.log") as url:
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+                return await asyncio.gather(*(client.post("/score", json={"items": [{"text": f"{i} {long_text}"}] * 8})
+                                              for i in range(12)))
+
+        responses = asyncio.run(main())
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1 and r.json()["type"] == "overloaded"
+        # The queue drains: the service answers again.
+        assert httpx.post(f"{url}/score", json={"items": [{"text": "again"}]}).status_code == 200

@@ -1,0 +1,396 @@
+"""Micro-batcher mechanics with a fake model (house rule 16): ordering, budgets, keys, bucketing,
+back-pressure, errors, cancellation, max wait, shutdown and the worker thread.
+
+The fake records every batch it sees; a ``gate`` holds the worker inside ``process`` so a test can
+queue work behind it and know exactly what is waiting when the gate opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import pytest
+
+from app.batching import BatcherClosed, BatchStats, MicroBatcher, QueueFull
+
+
+class Tok(NamedTuple):
+    """A payload that carries its own cost, so recorded batches can be checked against the budget."""
+
+    ident: int
+    cost: int
+    key: str = ""
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class FakeModel:
+    """``process`` stand-in: doubles payloads, records batches and threads, optionally blocks or fails."""
+
+    def __init__(self, fn: Callable[[Any], Any] = lambda p: p * 2, fail_if: Callable[[Any], bool] | None = None) -> None:
+        self.fn = fn
+        self.fail_if = fail_if
+        self.batches: list[list[Any]] = []
+        self.threads: set[int] = set()
+        self.entered = threading.Event()  # set once process has been called
+        self.gate = threading.Event()  # process blocks until this is set
+        self.gate.set()
+
+    def __call__(self, payloads: Sequence[Any]) -> list[Any]:
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(payloads))
+        self.entered.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        if self.fail_if is not None and any(self.fail_if(p) for p in payloads):
+            raise Boom(f"cannot process {list(payloads)}")
+        return [self.fn(p) for p in payloads]
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.entered.clear()
+
+
+def make(model: FakeModel, **kw: Any) -> MicroBatcher[Any, Any]:
+    params: dict[str, Any] = dict(max_batch_tokens=1000, max_batch_size=8, max_wait_s=0.02, max_queue=1000)
+    params.update(kw)
+    batcher: MicroBatcher[Any, Any] = MicroBatcher(model, **params)
+    batcher.start()
+    return batcher
+
+
+async def wait_until(pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+async def block_worker(batcher: MicroBatcher[Any, Any], model: FakeModel, payload: Any, cost: int = 1) -> asyncio.Task[Any]:
+    """Start a one-item call and return once the worker is stuck inside ``process`` on it."""
+    model.hold()
+    task = asyncio.create_task(batcher.submit([payload], [cost], key="blocker"))
+    await wait_until(model.entered.is_set)
+    return task
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---- 1. ordering ----------------------------------------------------------------------------------
+
+
+def test_results_in_order_for_one_call() -> None:
+    async def main() -> list[int]:
+        batcher = make(FakeModel(), max_batch_size=4)
+        out = await batcher.submit(list(range(10)), [3] * 10)
+        await batcher.stop()
+        return out
+
+    assert run(main()) == [2 * i for i in range(10)]
+
+
+def test_many_concurrent_submitters_each_get_their_own_results() -> None:
+    rng = random.Random(0)
+    calls = []
+    start = 0
+    for _ in range(50):
+        n = rng.randint(1, 20)
+        calls.append((list(range(start, start + n)), [rng.randint(1, 100) for _ in range(n)]))
+        start += n
+    model = FakeModel()
+
+    async def main() -> list[list[int]]:
+        batcher = make(model, max_batch_tokens=1000, max_batch_size=16, max_wait_s=0.01)
+        out = await asyncio.gather(*(batcher.submit(p, c) for p, c in calls))
+        await batcher.stop()
+        return list(out)
+
+    results = run(main())
+    assert results == [[2 * p for p in payloads] for payloads, _ in calls]
+    seen = sorted(p for batch in model.batches for p in batch)
+    assert seen == list(range(start))  # every payload processed exactly once
+    assert len(model.batches) < start / 2  # and they really were batched together
+
+
+# ---- 2. size and token budget ---------------------------------------------------------------------
+
+
+def test_batches_respect_size_and_padded_token_budget() -> None:
+    rng = random.Random(1)
+    toks = [Tok(i, rng.randint(1, 300)) for i in range(60)]
+    giant = Tok(999, 5000)
+    model = FakeModel(fn=lambda p: p.ident)
+    stats: list[BatchStats] = []
+
+    async def main() -> list[int]:
+        batcher = make(model, max_batch_tokens=1000, max_batch_size=8, on_batch=stats.append)
+        blocker = await block_worker(batcher, model, Tok(-1, 1))
+        payloads = toks[:30] + [giant] + toks[30:]
+        task = asyncio.create_task(batcher.submit(payloads, [t.cost for t in payloads]))
+        await wait_until(lambda: batcher.queue_depth == 61)
+        model.gate.set()
+        out = await task
+        await blocker
+        await batcher.stop()
+        return out
+
+    out = run(main())
+    assert out == [t.ident for t in toks[:30]] + [999] + [t.ident for t in toks[30:]]
+    batches = model.batches[1:]  # the first is the blocker
+    assert [giant] in batches  # over budget: runs, and runs alone
+    for batch in batches:
+        assert len(batch) <= 8
+        if batch != [giant]:
+            assert max(t.cost for t in batch) * len(batch) <= 1000
+    assert sorted(t.ident for b in batches for t in b) == sorted([t.ident for t in toks] + [999])
+    # on_batch saw every batch with the numbers the batch really had
+    assert [s.size for s in stats] == [len(b) for b in model.batches]
+    assert [s.padded_tokens for s in stats[1:]] == [max(t.cost for t in b) * len(b) for b in batches]
+    assert [s.real_tokens for s in stats[1:]] == [sum(t.cost for t in b) for b in batches]
+    assert all(s.ok and s.seconds >= 0 for s in stats)
+    assert stats[-1].queue_depth == 0
+
+
+# ---- 3. keys --------------------------------------------------------------------------------------
+
+
+def test_different_keys_never_share_a_batch() -> None:
+    model = FakeModel(fn=lambda p: (p.key, p.ident))
+    calls = [[Tok(i * 10 + j, 5, key) for j in range(3)] for i, key in enumerate("abcabcabcab")]
+
+    async def main() -> list[Any]:
+        batcher = make(model, max_batch_size=32, max_wait_s=0.05)
+        out = await asyncio.gather(*(batcher.submit(c, [1] * len(c), key=c[0].key) for c in calls))
+        await batcher.stop()
+        return list(out)
+
+    assert run(main()) == [[(t.key, t.ident) for t in c] for c in calls]
+    assert all(len({t.key for t in batch}) == 1 for batch in model.batches)
+    assert len(model.batches) < len(calls)  # same-key calls were still merged
+
+
+# ---- 4. length bucketing --------------------------------------------------------------------------
+
+
+def test_short_and_long_items_are_bucketed_apart() -> None:
+    payloads = [Tok(i, 5 if i % 2 == 0 else 500) for i in range(40)]  # 20 short and 20 long, interleaved
+    model = FakeModel(fn=lambda p: p.ident)
+
+    async def main() -> list[int]:
+        batcher = make(model, max_batch_tokens=2000, max_batch_size=64)  # 4 long or up to 64 short
+        blocker = await block_worker(batcher, model, Tok(-1, 1))
+        task = asyncio.create_task(batcher.submit(payloads, [p.cost for p in payloads]))
+        await wait_until(lambda: batcher.queue_depth == 40)
+        model.gate.set()
+        out = await task
+        await blocker
+        await batcher.stop()
+        return out
+
+    assert run(main()) == list(range(40))
+    batches = model.batches[1:]
+    assert all(len({t.cost for t in batch}) == 1 for batch in batches), [[t.cost for t in b] for b in batches]
+    assert sorted(len(b) for b in batches) == [4, 4, 4, 4, 4, 20]
+    assert batches[0][0].cost == 5  # the oldest item (a short one) went first
+
+
+# ---- 5. back-pressure -----------------------------------------------------------------------------
+
+
+def test_queue_full_refuses_the_whole_call_and_recovers() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_queue=10)
+        blocker = await block_worker(batcher, model, 0)
+        waiting = asyncio.create_task(batcher.submit(list(range(1, 9)), [1] * 8))
+        await wait_until(lambda: batcher.queue_depth == 8)
+
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit([100, 101, 102], [1, 1, 1])
+        assert info.value.retry_after_s >= 1
+        assert "max_queue=10" in str(info.value)
+        assert batcher.queue_depth == 8  # nothing of the refused call was enqueued
+        with pytest.raises(ValueError, match="max_queue=10"):
+            await batcher.submit(list(range(11)), [1] * 11)  # could never fit: not a retry case
+        assert batcher.queue_depth == 8
+
+        model.gate.set()
+        assert await blocker == [0]
+        assert await waiting == [2 * i for i in range(1, 9)]
+        assert batcher.queue_depth == 0
+        assert await batcher.submit(list(range(10)), [1] * 10) == [2 * i for i in range(10)]
+        await batcher.stop()
+
+    run(main())
+
+
+# ---- 6. errors ------------------------------------------------------------------------------------
+
+
+def test_process_error_fails_only_its_batch_and_worker_survives(caplog: pytest.LogCaptureFixture) -> None:
+    model = FakeModel(fail_if=lambda p: p < 0)
+    stats: list[BatchStats] = []
+
+    async def main() -> None:
+        batcher = make(model, on_batch=stats.append)
+        blocker = await block_worker(batcher, model, 1)
+        bad = asyncio.create_task(batcher.submit([7, -3], [1, 1], key="bad"))
+        good = asyncio.create_task(batcher.submit([3, 4], [1, 1], key="good"))
+        await wait_until(lambda: batcher.queue_depth == 4)
+        model.gate.set()
+        with pytest.raises(Boom, match="-3"):
+            await bad
+        assert await good == [6, 8]
+        assert await blocker == [2]
+        assert await batcher.submit([5], [1], key="bad") == [10]  # the worker lived on
+        await batcher.stop()
+
+    with caplog.at_level(logging.ERROR, logger="app.batching"):
+        run(main())
+    assert [s.ok for s in stats].count(False) == 1
+    assert any("failed" in r.getMessage() for r in caplog.records)  # logged, not swallowed
+
+
+# ---- 7. cancellation ------------------------------------------------------------------------------
+
+
+def test_cancelled_waiting_items_are_never_processed(caplog: pytest.LogCaptureFixture) -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model)
+        running = await block_worker(batcher, model, 1)
+        waiting = asyncio.create_task(batcher.submit([10, 11], [1, 1]))
+        await wait_until(lambda: batcher.queue_depth == 2)
+
+        waiting.cancel()
+        running.cancel()  # its item is already in process: it finishes, the result is dropped
+        for task in (waiting, running):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert batcher.queue_depth == 0
+
+        model.gate.set()
+        assert await batcher.submit([20], [1]) == [40]
+        assert batcher.queue_depth == 0
+        await batcher.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="app.batching"):
+        run(main())
+    assert model.batches == [[1], [20]]  # 10 and 11 never reached process
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # dropping a result is not an error
+
+
+# ---- 8. max wait ----------------------------------------------------------------------------------
+
+
+def test_partial_batch_runs_after_max_wait() -> None:
+    async def main() -> tuple[list[int], float]:
+        batcher = make(FakeModel(), max_wait_s=0.2)
+        t0 = time.monotonic()
+        out = await batcher.submit([21], [1])
+        elapsed = time.monotonic() - t0
+        await batcher.stop()
+        return out, elapsed
+
+    out, elapsed = run(main())
+    assert out == [42]
+    assert 0.15 <= elapsed < 2.0  # it waited for company, then ran alone
+
+
+@pytest.mark.parametrize(
+    ("n", "cost", "limits"),
+    [(4, 1, {"max_batch_size": 4}), (2, 50, {"max_batch_tokens": 100})],
+    ids=["size-full", "budget-full"],
+)
+def test_full_batch_does_not_wait(n: int, cost: int, limits: dict[str, int]) -> None:
+    async def main() -> tuple[list[int], float]:
+        batcher = make(FakeModel(), **{"max_batch_size": 64, "max_batch_tokens": 10_000, "max_wait_s": 5.0, **limits})
+        t0 = time.monotonic()
+        out = await batcher.submit(list(range(n)), [cost] * n)
+        elapsed = time.monotonic() - t0
+        await batcher.stop()
+        return out, elapsed
+
+    out, elapsed = run(main())
+    assert out == [2 * i for i in range(n)]
+    assert elapsed < 2.0
+
+
+# ---- 9. shutdown ----------------------------------------------------------------------------------
+
+
+def test_stop_with_drain_finishes_queued_work_then_refuses() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, name="drain-test")
+        blocker = await block_worker(batcher, model, 1)
+        queued = asyncio.create_task(batcher.submit([2, 3, 4], [1, 1, 1]))
+        await wait_until(lambda: batcher.queue_depth == 3)
+        stopping = asyncio.create_task(batcher.stop(drain=True))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit([5], [1])
+        model.gate.set()
+        await stopping
+        assert await blocker == [2]
+        assert await queued == [4, 6, 8]
+        with pytest.raises(BatcherClosed):
+            await batcher.submit([6], [1])
+
+    run(main())
+    assert not any(t.name == "batcher-drain-test" for t in threading.enumerate())  # the worker ended
+
+
+def test_stop_without_drain_fails_waiting_items() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model)
+        blocker = await block_worker(batcher, model, 1)
+        queued = asyncio.create_task(batcher.submit([2, 3], [1, 1]))
+        await wait_until(lambda: batcher.queue_depth == 2)
+        stopping = asyncio.create_task(batcher.stop(drain=False))
+        with pytest.raises(BatcherClosed):
+            await queued
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        await stopping
+        assert await blocker == [2]  # the running batch was allowed to finish
+
+    run(main())
+    assert model.batches == [[1]]
+
+
+# ---- 10. threading --------------------------------------------------------------------------------
+
+
+def test_process_runs_off_the_event_loop_thread() -> None:
+    model = FakeModel()
+
+    async def main() -> int:
+        batcher = make(model)
+        assert await batcher.submit([1, 2], [1, 1]) == [2, 4]
+        await batcher.stop()
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert len(model.threads) == 1
+    assert loop_thread not in model.threads
+
+
+def test_submit_before_start_is_a_clear_error() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4)
+    with pytest.raises(RuntimeError, match="start"):
+        run(batcher.submit([1], [1]))
