@@ -252,3 +252,50 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embed
                 assert int(r.headers["Retry-After"]) >= 1 and r.json()["type"] == "overloaded"
         # The queue drains: the service answers again.
         assert httpx.post(f"{url}/score", json={"items": [{"text": "again"}]}).status_code == 200
+
+
+def _items_scored(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("saft_items_scored_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_client_disconnect_stops_filter_work(served, dev_rows: list[dict]) -> None:
+    url, _, _ = served
+    lines = [json.dumps({"text": r["text"][:400]}).encode() + b"\n" for r in dev_rows] * 40  # 1280 lines
+
+    def body():  # type: ignore[no-untyped-def]
+        yield from lines
+
+    before = _items_scored(url)
+    with httpx.Client(timeout=300) as client:
+        with client.stream("POST", f"{url}/filter", content=body(), headers={**C, "content-type": "application/x-ndjson"}) as r:
+            first = next(r.iter_lines())
+            assert json.loads(first)["line"] == 1
+        # leaving the block closes the connection mid-stream
+    time.sleep(3)
+    settled = _items_scored(url)
+    time.sleep(3)
+    assert _items_scored(url) == settled, "work continued after the client left"
+    assert settled - before < len(lines), "the server scored the whole upload for a client that was gone"
+    assert httpx.get(f"{url}/readyz").json()["queue_depth"] == 0
+
+
+def test_cli_scores_through_the_service(served, tmp_path: Path, dev_rows: list[dict]) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from tests.conftest import write_jsonl
+
+    url, snapshot, _ = served
+    data = write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in dev_rows[:5]] + ['{"text": ""}'])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["score", str(data), "-o", str(out), "--url", url, "--token", CLIENT])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[5]["error"].startswith("text: is empty")
+    direct = httpx.post(f"{url}/score", headers=C, json={"items": [{k: r[k] for k in ("text", "prompt", "response") if k in r} for r in dev_rows[:5]]}).json()
+    assert [r["score"] for r in records[:5]] == [r["score"] for r in direct["results"]]
+    assert [r["id"] for r in records[:5]] == [r["id"] for r in dev_rows[:5]]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import anyio
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app import metrics
@@ -27,33 +28,81 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_client)])
 
 
-class UploadStreamingResponse(StreamingResponse):
-    """A response streamed while its request body is still being read.
+class UploadSpool:
+    """The upload, received eagerly into a temp file while lines are scored from it.
 
-    Starlette's StreamingResponse listens for a disconnect by calling ``receive()``, which would
-    steal the upload's body chunks. Here the body reader sees a disconnect itself (ClientDisconnect)
-    and the listener starts only once the body is consumed; either way the work is cancelled.
+    Receiving eagerly means ``receive()`` is always being awaited, so a client that leaves is seen
+    at once (uvicorn reports it only there); spooling to disk keeps memory flat whatever the size.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], body_done: asyncio.Event, media_type: str) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.file = tempfile.TemporaryFile(prefix="saft-upload-")
+        self.written = 0
+        self.done = False
+        self.error: Exception | None = None
+        self.changed = asyncio.Event()
+
+    async def pump(self, receive: Receive, on_disconnect: Callable[[], None]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                on_disconnect()
+                return
+            if self.done:
+                continue
+            body = message.get("body", b"")
+            if self.written + len(body) > self.max_bytes:
+                self.error = PayloadTooLarge(f"body: upload exceeds the limit of {self.max_bytes} bytes")
+                self.done = True
+            else:
+                os.pwrite(self.file.fileno(), body, self.written)
+                self.written += len(body)
+                self.done = not message.get("more_body", False)
+            self.changed.set()
+
+    async def chunks(self, size: int = 1 << 16) -> AsyncIterator[bytes]:
+        position = 0
+        while True:
+            if position < self.written:
+                chunk = os.pread(self.file.fileno(), min(size, self.written - position), position)
+                position += len(chunk)
+                yield chunk
+                continue
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return
+            self.changed.clear()
+            await self.changed.wait()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class UploadStreamingResponse(StreamingResponse):
+    """Streams records while the upload is still arriving; a disconnect cancels the work it caused.
+
+    (Starlette's StreamingResponse would race the body reader for ``receive()``.)
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], spool: UploadSpool, media_type: str) -> None:
         super().__init__(content, media_type=media_type)
-        self.body_done = body_done
+        self.spool = spool
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def watch_disconnect() -> None:
-                await self.body_done.wait()
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
+                def gone() -> None:
+                    log.info("client disconnected mid-stream; its remaining work is cancelled")
+                    group.cancel_scope.cancel()
 
-            group.start_soon(watch_disconnect)
-            try:
+                group.start_soon(self.spool.pump, receive, gone)
                 await self.stream_response(send)
-            except (OSError, ClientDisconnect):
-                log.info("client disconnected mid-stream; its remaining work was dropped")
-            group.cancel_scope.cancel()
+                group.cancel_scope.cancel()
+        finally:
+            self.spool.close()
 
 
 def _ref(snapshot: ActiveSubspace, threshold: float | None) -> SubspaceRef:
@@ -78,16 +127,12 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
     )
 
 
-async def _lines(request: Request, max_line_bytes: int, max_bytes: int) -> AsyncIterator[Line]:
-    """Numbered lines of the upload, read incrementally; oversize lines and uploads become errors."""
+async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[Line]:
+    """Numbered lines of the upload, read incrementally; oversize lines become error lines."""
     buffer = bytearray()
     number = 0
-    received = 0
     skipping = False  # inside an oversize line: drop bytes until its newline
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise PayloadTooLarge(f"body: upload exceeds the limit of {max_bytes} bytes")
+    async for chunk in chunks:
         buffer += chunk
         while True:
             newline = buffer.find(b"\n")
@@ -132,7 +177,7 @@ async def filter_stream(
     snapshot = service.snapshot()  # one version for the whole stream
     max_line_bytes = settings.max_chars_per_item * 4 + 4096
 
-    body_done = asyncio.Event()
+    spool = UploadSpool(settings.max_upload_bytes)
 
     async def records() -> AsyncIterator[bytes]:
         counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
@@ -175,14 +220,13 @@ async def filter_stream(
 
         aborted = None
         try:
-            async for line in _lines(request, max_line_bytes, settings.max_upload_bytes):
+            async for line in _lines(spool.chunks(), max_line_bytes):
                 pending.append(line)
                 if len(pending) >= settings.filter_chunk_lines:
                     async for out in flush():
                         yield out
         except PayloadTooLarge as err:
             aborted = str(err)
-        body_done.set()
         async for out in flush():
             yield out
         if aborted is not None:  # the status line is already sent: say it in the stream
@@ -190,4 +234,4 @@ async def filter_stream(
         summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None)
         yield orjson.dumps(summary.model_dump()) + b"\n"
 
-    return UploadStreamingResponse(records(), body_done, media_type="application/x-ndjson")
+    return UploadStreamingResponse(records(), spool, media_type="application/x-ndjson")
