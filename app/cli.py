@@ -94,17 +94,17 @@ def fit(
     calibration: Annotated[Path, typer.Argument(help="Calibration JSONL (labelled or not).", exists=True, dir_okay=False)],
     name: NameOpt = None,
     model: ModelOpt = None,
-    layers: Annotated[str, typer.Option(help="Comma-separated layer indices (negative from the end).")] = "-1",
-    pooling: Annotated[str, typer.Option(help="last | mean")] = "last",
+    layers: Annotated[str, typer.Option(help="Comma-separated layer indices (negative from the end).")] = "20",
+    pooling: Annotated[str, typer.Option(help="last | mean | response (mean over the final assistant turn)")] = "mean",
     template: Annotated[str, typer.Option(help="chat | plain")] = "chat",
     max_length: Annotated[int, typer.Option(min=8)] = 256,
     truncation_side: Annotated[str, typer.Option(help="left keeps the end (the response) | right keeps the start")] = "left",
-    method: Annotated[str, typer.Option(help="saft (the paper, unsupervised) | lda (labelled)")] = "saft",
+    method: Annotated[str, typer.Option(help="auto (lda with labels, else saft) | saft (the paper, unsupervised) | lda (labelled)")] = "auto",
     k: Annotated[int, typer.Option(min=1)] = 1,
-    center: Annotated[str, typer.Option(help="global | kind")] = "global",
+    center: Annotated[str, typer.Option(help="global | kind")] = "kind",
     standardize: Annotated[bool, typer.Option(help="Per-dimension standardization before the SVD.")] = True,
-    shrinkage: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
-    threshold_policy: Annotated[str, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q")] = "drop_rate:0.1",
+    shrinkage: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    threshold_policy: Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without)")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
 ) -> None:
@@ -115,7 +115,7 @@ def fit(
         options = FitOptions(
             embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
             method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage,
-            policy=ThresholdPolicy.parse(threshold_policy),
+            policy=ThresholdPolicy.parse(threshold_policy) if threshold_policy else None,
         )
         embedder = _load_embedder(model)
         with calibration.open("rb") as fh, _progress("embedding calibration", _count_lines(calibration)) as advance:

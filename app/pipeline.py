@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -81,15 +81,23 @@ def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 @dataclass
 class FitOptions:
-    """What a fit may vary; the defaults are the committed default subspace's (see README)."""
+    """What a fit may vary. The defaults reproduce the committed default subspace (see docs/QUALITY.md):
+    with labels, a shrinkage discriminant on layer 20's mean state, centered per kind, τ at 5% FPR;
+    without labels, the paper's SAFT score on the same embedding, τ dropping the top 10%."""
 
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    method: str = "saft"
+    embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(layers=(20,), pooling="mean"))
+    method: str = "auto"  # "auto": "lda" when the calibration set is labelled, else "saft"
     k: int = 1
-    center: str = "global"
+    center: str = "kind"
     standardize: bool = True
-    shrinkage: float = 0.1
-    policy: ThresholdPolicy = field(default_factory=lambda: ThresholdPolicy("drop_rate", 0.1))
+    shrinkage: float = 0.5
+    policy: ThresholdPolicy | None = None  # None: fpr:0.05 with labels, drop_rate:0.1 without
+
+    def resolved(self, labelled: bool) -> FitOptions:
+        """The options with "auto" choices made for labelled or unlabelled data."""
+        method = self.method if self.method != "auto" else ("lda" if labelled else "saft")
+        policy = self.policy or (ThresholdPolicy("fpr", 0.05) if labelled else ThresholdPolicy("drop_rate", 0.1))
+        return replace(self, method=method, policy=policy)
 
 
 @dataclass
@@ -188,6 +196,7 @@ def fit_lines(
         labelled = [lab for lab in labels if lab is not None]
         if labelled and len(labelled) != len(labels):
             raise FitError(f"calibration set mixes labelled and unlabelled lines ({len(labelled)} of {len(labels)} labelled)")
+        options = options.resolved(bool(labelled))
         subspace = Subspace(
             k=options.k,
             method=options.method,  # type: ignore[arg-type]

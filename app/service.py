@@ -227,4 +227,5 @@ class ScoringService:
 
 def _options_dict(options: FitOptions) -> dict[str, Any]:
     return {"embedding": options.embedding.as_dict(), "method": options.method, "k": options.k, "center": options.center,
-            "standardize": options.standardize, "shrinkage": options.shrinkage, "policy": options.policy.as_dict()}
+            "standardize": options.standardize, "shrinkage": options.shrinkage,
+            "policy": options.policy.as_dict() if options.policy else "auto"}

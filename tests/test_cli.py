@@ -155,3 +155,19 @@ def test_model_cache_reports_location(models_dir: Path) -> None:
     info = _run(["model-cache"])
     assert info["cache_dir"] == str(get_settings().model_cache_dir)
     assert any(e.startswith("smollm2-135m-instruct-") for e in info["entries"])
+
+
+def test_fit_auto_picks_by_labels(models_dir: Path, tmp_path: Path, calibration_rows: list[dict]) -> None:
+    labelled = write_jsonl(tmp_path / "l.jsonl", calibration_rows)
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in calibration_rows])
+    _run(["fit", str(labelled), "--layers", "4", "--max-length", "64"])
+    _run(["fit", str(unlabelled), "--layers", "4", "--max-length", "64", "--k", "2"])
+    _, first = load_version(models_dir, "clitest", "v1")
+    _, second = load_version(models_dir, "clitest", "v2")
+    assert (first.method, first.threshold_policy.kind, first.threshold_policy.value) == ("lda", "fpr", 0.05)
+    assert first.embedding.pooling == "mean" and first.center == "kind" and "calibration" in first.quality
+    assert (second.method, second.threshold_policy.kind, second.k) == ("saft", "drop_rate", 2)
+    assert second.quality == {}  # nothing to measure without labels
+    mixed = write_jsonl(tmp_path / "m.jsonl", calibration_rows[:5] + [{"text": "unlabelled"}])
+    result = runner.invoke(app, ["fit", str(mixed), "--layers", "4", "--max-length", "64"])
+    assert result.exit_code == 2 and "mixes labelled and unlabelled" in result.output

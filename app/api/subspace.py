@@ -70,23 +70,23 @@ async def activate(version: str, service: ScoringService = Depends(get_service))
 )
 async def refit(
     request: Request,
-    layers: str = Query("-1", description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
-    pooling: Literal["last", "mean", "response"] = "last",
+    layers: str = Query("20", description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
+    pooling: Literal["last", "mean", "response"] = "mean",
     template: Literal["chat", "plain"] = "chat",
     max_length: int = Query(256, ge=8, le=32768),
     truncation_side: Literal["left", "right"] = "left",
-    method: Literal["saft", "lda"] = "saft",
+    method: Literal["auto", "saft", "lda"] = Query("auto", description="auto: lda when the upload is labelled, else saft"),
     k: int = Query(1, ge=1, le=4096),
-    center: Literal["global", "kind"] = "global",
+    center: Literal["global", "kind"] = "kind",
     standardize: bool = True,
-    shrinkage: float = Query(0.1, ge=0.0, le=1.0),
-    policy: str = Query("drop_rate:0.1", description="max_f1 | fpr:R | recall:R | drop_rate:Q"),
+    shrinkage: float = Query(0.5, ge=0.0, le=1.0),
+    policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
     activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
     service: ScoringService = Depends(get_service),
 ) -> RefitAccepted:
     options = FitOptions(
         embedding=EmbeddingConfig(tuple(int(x) for x in layers.split(",")), pooling, template, max_length, truncation_side),
-        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, policy=ThresholdPolicy.parse(policy),
+        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, policy=ThresholdPolicy.parse(policy) if policy else None,
     )
     service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
     limit = service.settings.max_upload_bytes
