@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): one command each, results written to bench/results.json."""
