@@ -299,3 +299,44 @@ def test_cli_scores_through_the_service(served, tmp_path: Path, dev_rows: list[d
     direct = httpx.post(f"{url}/score", headers=C, json={"items": [{k: r[k] for k in ("text", "prompt", "response") if k in r} for r in dev_rows[:5]]}).json()
     assert [r["score"] for r in records[:5]] == [r["score"] for r in direct["results"]]
     assert [r["id"] for r in records[:5]] == [r["id"] for r in dev_rows[:5]]
+
+
+def test_graceful_shutdown_drains_in_flight_requests(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.server import free_port
+
+    _fit(embedder, calibration_rows, tmp_path / "models")
+    port = free_port()
+    env = {**__import__("os").environ, "SAFT_MODELS_DIR": str(tmp_path / "models"), "SAFT_SUBSPACE_NAME": "apitest",
+           "SAFT_PORT": str(port), "SAFT_MAX_BATCH_SIZE": "2"}
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        results: list[httpx.Response] = []
+        body = {"items": [{"text": f"{i} " + "a fairly long sentence about gardening and tomatoes " * 10} for i in range(24)]}
+        threads = [threading.Thread(target=lambda: results.append(httpx.post(f"{url}/score", json=body, timeout=120))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the requests are queued or running
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=120)
+        assert len(results) == 3 and all(r.status_code == 200 for r in results), [r.status_code for r in results]
+        assert all(len(r.json()["results"]) == 24 for r in results)
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown, hence -15.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
