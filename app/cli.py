@@ -106,6 +106,7 @@ def fit(
     shrinkage: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     threshold_policy: Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without)")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
+    strict: Annotated[bool, typer.Option(help="Stop at the first invalid line instead of rejecting it.")] = False,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
 ) -> None:
     """Fit a subspace on a calibration set and publish it as a new version under models/."""
@@ -122,7 +123,7 @@ def fit(
             result = fit_lines(
                 embedder, read_lines(fh), options, name=name, calibration_digest=file_digest(calibration),
                 calibration_path=calibration.name, progress=advance,
-                embed=_direct(embedder),
+                embed=_direct(embedder), strict=strict,
             )
         manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activate)
     except USER_ERRORS as e:
@@ -135,6 +136,7 @@ def fit(
     )
     typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold, "active": activate,
                            "path": str(settings.models_dir / name / manifest.version), "report": str(report),
+                           "rejected": manifest.calibration["rejected"],
                            "calibration_quality": manifest.quality.get("calibration", {}).get("overall")}, indent=2))
 
 

@@ -155,20 +155,29 @@ def fit_lines(
     calibration_path: str = "",
     progress: Progress | None = None,
     embed: EmbedFn | None = None,
+    strict: bool = False,
 ) -> FitResult:
     """Stream calibration lines into moments, fit, set τ by the policy, and describe it in a manifest.
 
-    Any invalid line is an error naming its number: a calibration set is fitted whole or not at all.
+    An invalid line is rejected with its number and reason, listed in the manifest (``strict``: the
+    first one stops the fit at once, before more embedding work is spent).
     """
     config = EmbeddingConfig(**{**options.embedding.as_dict(), "layers": embedder.normalize_layers(options.embedding.layers)})
     bad: list[str] = []
+    first_labelled: list[bool] = []
 
     def valid(stream: Iterable[Line]) -> Iterator[Line]:
         for line in stream:
-            if line.error is None:
-                yield line
-            else:
+            if line.error is not None:
+                if strict:
+                    raise FitError(f"calibration line {line.number}: {line.error}")
                 bad.append(f"line {line.number}: {line.error}")
+                continue
+            if not first_labelled:
+                first_labelled.append(line.label is not None)
+            elif first_labelled[0] != (line.label is not None):
+                raise FitError(f"calibration set mixes labelled and unlabelled lines (line {line.number} differs from the first)")
+            yield line
 
     acc = MomentAccumulator(embedder.dim(config))
     spool = EmbeddingSpool(acc.dim)
@@ -190,13 +199,7 @@ def fit_lines(
             meta["kind"].extend(str((line.obj or {}).get("kind", kind)) for line, kind in zip(chunk, kinds, strict=True))
             meta["source"].extend(str((line.obj or {}).get("source", "unknown")) for line in chunk)
             n_truncated += sum(e.truncated for e in encoded)
-        if bad:
-            shown = "; ".join(bad[:10]) + (f"; … {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise FitError(f"calibration set has {len(bad)} invalid line(s): {shown}")
-        labelled = [lab for lab in labels if lab is not None]
-        if labelled and len(labelled) != len(labels):
-            raise FitError(f"calibration set mixes labelled and unlabelled lines ({len(labelled)} of {len(labels)} labelled)")
-        options = options.resolved(bool(labelled))
+        options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
             k=options.k,
             method=options.method,  # type: ignore[arg-type]
@@ -235,6 +238,7 @@ def fit_lines(
             "n_samples": acc.n,
             "n_truncated": n_truncated,
             "counts": acc.counts(),
+            "rejected": {"count": len(bad), "lines": bad[:100]},
         },
         quality={"calibration": quality} if quality else {},
     )

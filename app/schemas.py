@@ -105,6 +105,7 @@ class JobState(BaseModel):
     version: str | None = None
     activated: bool = False
     quality: dict[str, Any] | None = None
+    rejected: dict[str, Any] | None = Field(None, description="Invalid calibration lines: count and the first 100 with reasons.")
     error: str | None = None
     created_at: float
     finished_at: float | None = None

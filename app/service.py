@@ -53,7 +53,7 @@ class JobStore:
 
     def create(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         job = {"job_id": uuid.uuid4().hex, "name": name, "status": "queued", "progress": {"lines": 0},
-               "options": options, "version": None, "activated": False, "quality": None, "error": None,
+               "options": options, "version": None, "activated": False, "quality": None, "rejected": None, "error": None,
                "created_at": time.time(), "finished_at": None}
         with self._lock:
             self._jobs[job["job_id"]] = job
@@ -174,13 +174,13 @@ class ScoringService:
         self.ready = True
         return snapshot
 
-    def start_refit(self, upload: Path, options: FitOptions, activate: bool) -> dict[str, Any]:
+    def start_refit(self, upload: Path, options: FitOptions, activate: bool, strict: bool = False) -> dict[str, Any]:
         """Start a refit job in a thread; 409 (RefitInProgress) while another one runs."""
         if not self._refit_lock.acquire(blocking=False):
             upload.unlink(missing_ok=True)
             raise RefitInProgress(f"a refit of subspace {self.registry.name!r} is already running")
-        job = self.jobs.create(self.registry.name, {**_options_dict(options), "activate": activate})
-        thread = threading.Thread(target=self._run_refit, args=(job["job_id"], upload, options, activate),
+        job = self.jobs.create(self.registry.name, {**_options_dict(options), "activate": activate, "strict": strict})
+        thread = threading.Thread(target=self._run_refit, args=(job["job_id"], upload, options, activate, strict),
                                   name=f"refit-{job['job_id'][:8]}", daemon=True)
         thread.start()
         return job
@@ -194,7 +194,7 @@ class ScoringService:
             except QueueFull as err:
                 time.sleep(min(err.retry_after_s, 1.0))
 
-    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activate: bool) -> None:
+    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activate: bool, strict: bool) -> None:
         self.jobs.update(job_id, status="running")
         done = 0
 
@@ -207,13 +207,14 @@ class ScoringService:
             with upload.open("rb") as fh:
                 result = fit_lines(self.embedder, read_lines(fh), options, name=self.registry.name,
                                    calibration_digest=file_digest(upload), calibration_path="upload",
-                                   progress=progress, embed=self._embed_from_thread)
+                                   progress=progress, embed=self._embed_from_thread, strict=strict)
             saved = self.registry.publish(result.subspace, result.manifest, activate=activate)
             if activate:
                 self._record_version(self.registry.current)  # type: ignore[arg-type]
                 self.ready = True
             self.jobs.update(job_id, status="succeeded", version=saved.version, activated=activate,
-                             quality=saved.quality.get("calibration"), finished_at=time.time())
+                             quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
+                             finished_at=time.time())
             metrics.REFITS.labels("succeeded").inc()
             log.info("refit %s published %s/%s (active=%s)", job_id, saved.name, saved.version, activate)
         except Exception as err:  # noqa: BLE001 - a failed job is reported, not raised into a dead thread

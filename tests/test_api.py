@@ -172,7 +172,7 @@ def test_filter_stream_accounts_for_every_line(served, dev_rows: list[dict]) -> 
 
 def test_refit_under_load_then_rollback(served, calibration_rows: list[dict], dev_rows: list[dict]) -> None:
     url, _, root = served
-    upload = "\n".join(json.dumps(r) for r in calibration_rows).encode()
+    upload = "\n".join(json.dumps(r) for r in calibration_rows).encode() + b"\n{broken\n"
     query = "layers=8&pooling=response&max_length=128&method=lda&center=kind&shrinkage=0.5&policy=fpr:0.1"
 
     async def main() -> tuple[list[str], dict]:
@@ -200,6 +200,7 @@ def test_refit_under_load_then_rollback(served, calibration_rows: list[dict], de
     assert job["status"] == "succeeded", job
     assert job["version"] == "v2" and job["activated"] and job["quality"]["overall"]["auroc"] > 0.5
     assert job["progress"]["lines"] == len(calibration_rows)
+    assert job["rejected"] == {"count": 1, "lines": [f"line {len(calibration_rows) + 1}: invalid JSON: " + job["rejected"]["lines"][0].split("invalid JSON: ")[1]]}
     assert set(versions) <= {"v1", "v2"}
     after = httpx.post(f"{url}/score", json={"items": [{"text": "hello"}]}, headers=C).json()
     assert after["subspace"]["version"] == "v2"
@@ -218,7 +219,7 @@ def test_refit_under_load_then_rollback(served, calibration_rows: list[dict], de
 def test_failed_refit_is_reported_and_publishes_nothing(served) -> None:
     url, _, root = served
     before = sorted(p.name for p in (root / "models" / "apitest").iterdir())
-    r = httpx.post(f"{url}/subspace/refit?layers=8&max_length=64", content=b'{"text": "fine"}\n{"text": ""}\n', headers=A)
+    r = httpx.post(f"{url}/subspace/refit?layers=8&max_length=64&strict=true", content=b'{"text": "fine"}\n{"text": ""}\n', headers=A)
     assert r.status_code == 202
     job_id = r.json()["job_id"]
     for _ in range(300):
@@ -226,7 +227,7 @@ def test_failed_refit_is_reported_and_publishes_nothing(served) -> None:
         if job["status"] in ("succeeded", "failed"):
             break
         time.sleep(0.2)
-    assert job["status"] == "failed" and "line 2: text: is empty" in job["error"]
+    assert job["status"] == "failed" and "calibration line 2: text: is empty" in job["error"]
     assert sorted(p.name for p in (root / "models" / "apitest").iterdir()) == before
     assert httpx.post(f"{url}/subspace/refit?layers=99", content=b'{"text": "x"}', headers=A).status_code == 422
     assert httpx.get(f"{url}/subspace/jobs/nope", headers=C).status_code == 404

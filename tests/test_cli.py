@@ -121,13 +121,19 @@ def test_eval_refuses_unlabelled_lines(fitted: dict, tmp_path: Path) -> None:
 
 
 def test_fit_errors_name_the_line(models_dir: Path, tmp_path: Path, calibration_rows: list[dict]) -> None:
-    cal = write_jsonl(tmp_path / "cal.jsonl", [json.dumps(r) for r in calibration_rows[:10]] + ['{"text": ""}'])
-    result = runner.invoke(app, ["fit", str(cal), "--layers", "2", "--max-length", "32"])
+    cal = write_jsonl(tmp_path / "cal.jsonl", ['{"text": ""}'] + [json.dumps(r) for r in calibration_rows[:10]] + ["{oops"])
+    result = runner.invoke(app, ["fit", str(cal), "--layers", "2", "--max-length", "32", "--strict"])
     assert result.exit_code == 2
-    assert "line 11: text: is empty" in result.output
+    assert "calibration line 1: text: is empty" in result.output
     assert list_versions(models_dir, "clitest") == [], "a failed fit publishes nothing"
+    # Without --strict the bad lines are rejected, each listed with its reason in the manifest.
+    out = _run(["fit", str(cal), "--layers", "2", "--max-length", "32"])
+    assert out["rejected"]["count"] == 2
+    assert out["rejected"]["lines"][0] == "line 1: text: is empty or whitespace only"
+    assert out["rejected"]["lines"][1].startswith("line 12: invalid JSON")
+    assert load_version(models_dir, "clitest")[1].calibration["n_samples"] == 10
     small = write_jsonl(tmp_path / "small.jsonl", calibration_rows[:5])
-    result = runner.invoke(app, ["fit", str(small), "--layers", "2", "--max-length", "32", "--k", "8"])
+    result = runner.invoke(app, ["fit", str(small), "--layers", "2", "--max-length", "32", "--k", "8", "--method", "saft"])
     assert result.exit_code == 2 and "k=8 exceeds the rank" in result.output
 
 
@@ -170,4 +176,4 @@ def test_fit_auto_picks_by_labels(models_dir: Path, tmp_path: Path, calibration_
     assert second.quality == {}  # nothing to measure without labels
     mixed = write_jsonl(tmp_path / "m.jsonl", calibration_rows[:5] + [{"text": "unlabelled"}])
     result = runner.invoke(app, ["fit", str(mixed), "--layers", "4", "--max-length", "64"])
-    assert result.exit_code == 2 and "mixes labelled and unlabelled" in result.output
+    assert result.exit_code == 2 and "mixes labelled and unlabelled lines (line 6 differs" in result.output

@@ -82,6 +82,7 @@ async def refit(
     shrinkage: float = Query(0.5, ge=0.0, le=1.0),
     policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
     activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
+    strict: bool = Query(False, description="Fail at the first invalid line instead of rejecting it (listed in the manifest)."),
     service: ScoringService = Depends(get_service),
 ) -> RefitAccepted:
     options = FitOptions(
@@ -104,7 +105,7 @@ async def refit(
     except BaseException:
         os.unlink(path)
         raise
-    job = service.start_refit(Path(path), options, activate)
+    job = service.start_refit(Path(path), options, activate, strict)
     return RefitAccepted(job_id=job["job_id"], status=job["status"])
 
 
