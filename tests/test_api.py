@@ -253,6 +253,9 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embed
                 assert int(r.headers["Retry-After"]) >= 1 and r.json()["type"] == "overloaded"
         # The queue drains: the service answers again.
         assert httpx.post(f"{url}/score", json={"items": [{"text": "again"}]}).status_code == 200
+        # No admin token configured: admin writes are refused whatever the caller sends.
+        r = httpx.post(f"{url}/subspace/versions/v1/activate", headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403 and "admin writes are disabled" in r.json()["error"]
 
 
 def _items_scored(url: str) -> float:
