@@ -60,10 +60,11 @@ def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold
             continue
         fpr, tpr, _ = roc_curve(y, s)
         precision, recall, _ = precision_recall_curve(y, s)
-        roc_ax.plot(fpr, tpr, label=kind)
-        pr_ax.plot(recall, precision, label=kind)
+        (line,) = roc_ax.plot(fpr, tpr, label=kind)
+        pr_ax.plot(recall, precision, label=kind, color=line.get_color())
         dropped = s > threshold
-        roc_ax.scatter([(dropped & (y == 0)).sum() / max((y == 0).sum(), 1)], [(dropped & (y == 1)).sum() / max(y.sum(), 1)], marker="o", s=25)
+        roc_ax.scatter([(dropped & (y == 0)).sum() / max((y == 0).sum(), 1)], [(dropped & (y == 1)).sum() / max(y.sum(), 1)],
+                       marker="o", s=25, color=line.get_color())
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     roc_ax.set(title="ROC (dots: τ)", xlabel="false-positive rate", ylabel="true-positive rate")
     pr_ax.set(title="precision-recall", xlabel="recall", ylabel="precision")
