@@ -252,13 +252,16 @@ def eval_(
             kinds.append(str((line.obj or {}).get("kind", line.item.kind)))  # type: ignore[union-attr]
             sources.append(str((line.obj or {}).get("source", "unknown")))
     if rejected:
-        raise _fail(f"{len(rejected)} line(s) cannot be evaluated: " + "; ".join(rejected[:10]))
+        err.print(f"[yellow]{len(rejected)} line(s) rejected (not evaluated):[/] " + "; ".join(rejected[:10]))
+    if not scores:
+        raise _fail("no line can be evaluated")
     tau = manifest.threshold if threshold is None else threshold
     try:
         metrics = grouped_quality(labels, scores, tau, {"kind": kinds, "source": sources})
     except ValueError as e:
         raise _fail(str(e)) from None
-    result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "data": input.name, "metrics": metrics}
+    result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "data": input.name,
+              "rejected": {"count": len(rejected), "lines": rejected[:100]}, "metrics": metrics}
     report = report or Path("reports") / f"eval-{manifest.name}-{manifest.version}.html"
     write_report(report, title=f"saft eval: {manifest.name}/{manifest.version} on {input.name}", summary=_summary(manifest),
                  scores=scores, labels=labels, kinds=kinds, threshold=tau, metrics=metrics)

@@ -114,10 +114,16 @@ def test_eval_reports_per_kind_and_source(fitted: dict, tmp_path: Path, dev_rows
     assert report.read_text().count("data:image/png;base64,") == 2
 
 
-def test_eval_refuses_unlabelled_lines(fitted: dict, tmp_path: Path) -> None:
+def test_eval_rejects_unlabelled_lines_and_says_so(fitted: dict, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "dev.jsonl", [{"text": "hello", "label": 0}, {"text": "no label"}])
-    result = runner.invoke(app, ["eval", str(data)])
-    assert result.exit_code == 2 and "line 2: label: missing" in result.output
+    result = runner.invoke(app, ["eval", str(data), "--report", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["rejected"] == {"count": 1, "lines": ["line 2: label: missing (eval needs label 0/1)"]}
+    assert out["metrics"]["overall"]["n"] == 1
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}])
+    result = runner.invoke(app, ["eval", str(only_bad)])
+    assert result.exit_code == 2 and "no line can be evaluated" in result.output
 
 
 def test_fit_errors_name_the_line(models_dir: Path, tmp_path: Path, calibration_rows: list[dict]) -> None:
