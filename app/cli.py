@@ -54,12 +54,7 @@ def _count_lines(path: Path) -> int:
 
 
 def _load_embedder(model: str | None) -> Embedder:
-    settings = get_settings()
-    import torch
-
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    return Embedder.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+    return Embedder.from_settings(get_settings(), model)
 
 
 def _load_scoring(name: str | None, version: str | None, model: str | None):  # type: ignore[no-untyped-def]

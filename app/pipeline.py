@@ -5,7 +5,6 @@ Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queue
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,7 +15,7 @@ import numpy as np
 import orjson
 
 from app.artifacts import Manifest
-from app.embedding import Embedder, EmbeddingConfig, Encoded
+from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
 from app.items import Item, ItemError, parse_item, parse_label
 from app.quality import ThresholdPolicy, ThresholdError, choose_threshold, grouped_quality
 from app.subspace import FitError, MomentAccumulator, Subspace
@@ -61,11 +60,7 @@ def read_lines(stream: Iterable[bytes | str]) -> Iterator[Line]:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_files([path])
 
 
 def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -92,12 +92,7 @@ class ScoringService:
     # ----------------------------------------------------------------------------- lifecycle
     @classmethod
     def load(cls, settings: Settings) -> ScoringService:
-        import torch
-
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
-        embedder = Embedder.load(settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
-        return cls(settings, embedder)
+        return cls(settings, Embedder.from_settings(settings))
 
     async def start(self) -> None:
         """TEI's order: (model loaded) → subspace → warm-up → batcher → ready."""
