@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     max_chars_per_item: int = Field(200_000, ge=1, description="Longer items are refused (413), not cut.")
     max_body_bytes: int = Field(64 * 2**20, ge=1, description="Largest /score body, checked before parsing.")
     max_upload_bytes: int = Field(1024 * 2**20, ge=1, description="Largest /filter or refit upload.")
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="A /score body must arrive whole within this, and an upload (/filter, refit) may not stall "
+        "longer than this between chunks; otherwise 408 (slow-loris bound)."
+    )
     filter_chunk_lines: int = Field(64, ge=1, description="Lines of a /filter stream scored together.")
     log_level: str = "INFO"
 
