@@ -21,32 +21,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(env: dict[str, str], log_path: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``saft serve`` and wait until /healthz answers; the caller owns the process."""
+    port = free_port()
+    full_env = {**os.environ, "SAFT_HOST": "127.0.0.1", "SAFT_PORT": str(port), **env}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"server not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (graceful: in-flight requests drain), SIGKILL if it does not exit within a minute."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def running_server(env: dict[str, str], log_path: Path, timeout_s: float = 180.0) -> Iterator[str]:
     """Yield the base URL of a started ``saft serve``; stop it with SIGTERM (graceful) afterwards."""
-    port = free_port()
-    full_env = {**os.environ, "SAFT_HOST": "127.0.0.1", "SAFT_PORT": str(port), **env}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    proc, url = start_server(env, log_path, timeout_s)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
