@@ -48,7 +48,7 @@ class ItemIn(BaseModel):
 
 class ScoreRequest(BaseModel):
     items: list[ItemIn] = Field(min_length=1, description="Items to score (limit: SAFT_MAX_ITEMS_PER_REQUEST).")
-    threshold: float | None = Field(None, description="Override τ for this request (drop when score > threshold).")
+    threshold: float | None = Field(None, allow_inf_nan=False, description="Override τ for this request (drop when score > threshold).")
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"items": [{"id": 1, "text": "Write a poem about the sea."}], "threshold": None}]}
@@ -107,6 +107,7 @@ class JobState(BaseModel):
     quality: dict[str, Any] | None = None
     rejected: dict[str, Any] | None = Field(None, description="Invalid calibration lines: count and the first 100 with reasons.")
     error: str | None = None
+    replica: str | None = Field(None, description="The replica running the job (in a fleet).")
     created_at: float
     finished_at: float | None = None
 

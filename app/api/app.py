@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, metrics
 from app.api import errors, health, score, subspace
-from app.api.errors import PayloadTooLarge
+from app.api.errors import BodyTimeout, PayloadTooLarge
 from app.config import Settings, get_settings
 from app.service import ScoringService
 
@@ -45,8 +46,74 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its body was read: nothing to answer."""
+
+
+async def read_body(receive: Receive, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused above ``limit`` bytes (413) or when not in within ``timeout_s`` (408).
+
+    Read here, before any parsing, so a body too large or too slow never reaches FastAPI (which would
+    call either a bare 400).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise BodyTimeout(f"body: not received within {timeout_s:g} s (SAFT_BODY_READ_TIMEOUT_S)") from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise PayloadTooLarge(f"body: more than the limit of {limit} bytes")
+        chunks.append(body)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for an app after ``read_body``: the body once, then the client's own (disconnect) messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def stall_bounded(receive: Receive, timeout_s: float) -> Receive:
+    """``receive`` for a streamed upload: each chunk must come within ``timeout_s`` (408 otherwise).
+
+    Only while the body is arriving: afterwards ``receive`` waits for a disconnect, which may take
+    as long as the response does.
+    """
+    done = False
+
+    async def bounded() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except TimeoutError:
+            done = True  # never wait on this body again
+            raise BodyTimeout(f"body: upload stalled for {timeout_s:g} s (SAFT_BODY_READ_TIMEOUT_S)") from None
+        done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return bounded
+
+
 class RequestContext:
-    """Request id, access log and per-route metrics; the body-size limit checked before parsing."""
+    """Request id, access log and per-route metrics; body size and time limits enforced before parsing."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -62,6 +129,7 @@ class RequestContext:
         path = scope["path"]
         streaming = path in STREAMING_UPLOADS
         limit = self.settings.max_upload_bytes if streaming else self.settings.max_body_bytes
+        timeout_s = self.settings.body_read_timeout_s
         status = {"code": 500}
         start = time.perf_counter()
 
@@ -77,18 +145,18 @@ class RequestContext:
                 await errors.error_response(PayloadTooLarge(f"body: {int(declared)} bytes exceed the limit of {limit} bytes"))(
                     scope, receive, send_with_id)
                 return
-            received = 0
-
-            async def counting_receive() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request" and not streaming:
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise PayloadTooLarge(f"body: more than the limit of {limit} bytes")
-                return message
-
-            await self.app(scope, counting_receive, send_with_id)
+            if streaming:  # read by the route itself, chunk by chunk, against the upload limit
+                await self.app(scope, stall_bounded(receive, timeout_s), send_with_id)
+                return
+            try:
+                body = await read_body(receive, limit, timeout_s)
+            except (PayloadTooLarge, BodyTimeout) as err:
+                await errors.error_response(err)(scope, receive, send_with_id)
+                return
+            except ClientGone:
+                status["code"] = 499  # nginx's "client closed request", for the log and metrics only
+                return
+            await self.app(scope, replaying(body, receive), send_with_id)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")

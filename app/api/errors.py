@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException
 
 from app.artifacts import ArtifactError
 from app.batching import BatcherClosed, QueueFull
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class PayloadTooLarge(ValueError):
     """A body, upload, item count or item above its configured limit."""
+
+
+class BodyTimeout(TimeoutError):
+    """A request body that did not arrive in time (SAFT_BODY_READ_TIMEOUT_S): slow or stalled client."""
 
 
 class NotFound(LookupError):
@@ -41,6 +46,7 @@ class Forbidden(PermissionError):
 TABLE: list[tuple[type[BaseException], int, str]] = [
     (QueueFull, 429, "overloaded"),
     (PayloadTooLarge, 413, "too_large"),
+    (BodyTimeout, 408, "timeout"),
     (ItemTooLarge, 413, "too_large"),
     (ItemError, 422, "invalid_input"),
     (FitError, 422, "invalid_input"),
@@ -79,8 +85,20 @@ def _validation_message(exc: RequestValidationError) -> str:
     for e in exc.errors()[:10]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        parts.append(f"{loc}: {msg}" if loc else f"body: {msg}")
     return "; ".join(parts)
+
+
+def _http_error(exc: HTTPException) -> ORJSONResponse:
+    """Starlette's own errors (unknown route, wrong method, unparsable body) in this table's shape."""
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI turns anything but a JSONDecodeError while parsing the body (invalid UTF-8, nesting past
+        # the recursion limit, an integer too long to convert) into a bare 400: it is invalid input.
+        cause = exc.__cause__
+        return ORJSONResponse({"error": f"body: not valid JSON ({type(cause).__name__}: {cause})"[:500], "type": "invalid_input"},
+                              status_code=422)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_input")
+    return ORJSONResponse({"error": str(exc.detail), "type": kind}, status_code=exc.status_code, headers=exc.headers)
 
 
 def install(app: FastAPI) -> None:
@@ -89,6 +107,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
         return ORJSONResponse({"error": _validation_message(exc), "type": "invalid_input"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> ORJSONResponse:
+        return _http_error(exc)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception) -> ORJSONResponse:

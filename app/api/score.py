@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import get_service, require_client
-from app.api.errors import PayloadTooLarge
+from app.api.errors import BodyTimeout, PayloadTooLarge
 from app.batching import QueueFull
 from app.pipeline import Line, parse_line
 from app.registry import ActiveSubspace
@@ -45,7 +45,12 @@ class UploadSpool:
 
     async def pump(self, receive: Receive, on_disconnect: Callable[[], None]) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except BodyTimeout as err:  # the client stalled: score what came, then say so in the stream
+                self.error, self.done = err, True
+                self.changed.set()
+                return
             if message["type"] == "http.disconnect":
                 on_disconnect()
                 return
@@ -167,7 +172,7 @@ async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIter
 async def filter_stream(
     request: Request,
     emit: Literal["all", "kept", "dropped"] = Query("all", description="Which scored lines to emit; errors and the summary always are."),
-    threshold: float | None = Query(None, description="Override τ for this request."),
+    threshold: float | None = Query(None, allow_inf_nan=False, description="Override τ for this request."),
     service: ScoringService = Depends(get_service),
 ) -> StreamingResponse:
     settings = service.settings
@@ -225,7 +230,7 @@ async def filter_stream(
                 if len(pending) >= settings.filter_chunk_lines:
                     async for out in flush():
                         yield out
-        except PayloadTooLarge as err:
+        except (PayloadTooLarge, BodyTimeout) as err:
             aborted = str(err)
         async for out in flush():
             yield out
