@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.embedding import Embedder, EmbeddingConfig
@@ -110,13 +112,13 @@ class Manifest:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # fullmatch: '$' alone would let 'name\n' through
         raise ArtifactError(f"subspace name {name!r} must match {NAME_RE.pattern}")
     return name
 
 
 def check_version(version: str) -> str:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise ArtifactError(f"version {version!r} must match {VERSION_RE.pattern}")
     return version
 
@@ -126,13 +128,58 @@ def list_versions(root: Path, name: str) -> list[str]:
     base = root / check_name(name)
     if not base.is_dir():
         return []
-    found = [p.name for p in base.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    found = [p.name for p in base.iterdir() if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda v: int(v[1:]))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def scratch_prefix(purpose: str) -> str:
+    """Prefix of a temp file or dir beside the artifacts. Host and pid name its writer, so a start can
+    remove what a killed writer left (``remove_stale_scratch``) and never what a live one is writing."""
+    return f".{purpose}-{socket.gethostname()}-{os.getpid()}-"
+
+
+SCRATCH_RE = re.compile(r"\.[a-z]+-(?P<host>.+)-(?P<pid>[0-9]+)-[a-z0-9_]+")
+
+
+def _alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_scratch(root: Path, name: str) -> list[str]:
+    """Remove what writers on this host that are gone (kill -9 mid-write) left under ``models/<name>``.
+
+    Call it at start, before this process writes: a leftover with this process's own pid is then a
+    dead predecessor's (pids are reused, in containers often).
+    """
+    base = root / check_name(name)
+    if not base.is_dir():
+        return []
+    removed = []
+    for path in base.iterdir():
+        match = SCRATCH_RE.fullmatch(path.name)
+        if match is None or match["host"] != socket.gethostname():
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix("replacing"), dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -157,8 +204,9 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
     """Publish a new immutable version (next free ``vN``) atomically; optionally make it active."""
     base = root / check_name(manifest.name)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("writing"), dir=base))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from other users of models/
         save_file(subspace_tensors(subspace), str(tmp / TENSORS))
         manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
         while True:
@@ -166,6 +214,7 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
             manifest.version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
             (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False))
             for f in (TENSORS, MANIFEST):
+                (tmp / f).chmod(0o644)
                 with (tmp / f).open("rb") as fh:
                     os.fsync(fh.fileno())
             try:
@@ -174,6 +223,9 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
             except OSError:
                 if not (base / manifest.version).exists():
                     raise
+    except (OSError, SafetensorError) as err:  # disk full, quota, read-only: say what, and that nothing changed
+        raise ArtifactError(f"subspace {manifest.name}: writing a new version under {base} failed ({err}); "
+                            "nothing was published") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if activate:
@@ -184,7 +236,10 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
 def set_active(root: Path, name: str, version: str) -> None:
     if check_version(version) not in list_versions(root, name):
         raise ArtifactError(f"subspace {name!r} has no version {version!r}")
-    _atomic_write_text(root / name / ACTIVE, version + "\n")
+    try:
+        _atomic_write_text(root / name / ACTIVE, version + "\n")
+    except OSError as err:
+        raise ArtifactError(f"subspace {name}: {version} could not be made active ({err}); the active version is unchanged") from err
 
 
 def active_version(root: Path, name: str) -> str | None:

@@ -10,7 +10,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.artifacts import Manifest, active_version, check_compatible, list_versions, load_version, save_version, set_active
+from app.artifacts import (
+    Manifest,
+    active_version,
+    check_compatible,
+    list_versions,
+    load_version,
+    remove_stale_scratch,
+    save_version,
+    set_active,
+)
 from app.embedding import Embedder
 from app.subspace import Subspace
 
@@ -39,6 +48,7 @@ class SubspaceRegistry:
 
     def load_active(self) -> ActiveSubspace | None:
         """Load the version that ``models/<name>/ACTIVE`` names (None when there is none yet)."""
+        remove_stale_scratch(self.root, self.name)  # what a kill -9 mid-write left behind
         version = active_version(self.root, self.name)
         return None if version is None else self.activate(version, persist=False)
 
