@@ -128,7 +128,7 @@ def list_versions(root: Path, name: str) -> list[str]:
     base = root / check_name(name)
     if not base.is_dir():
         return []
-    found = [p.name for p in base.iterdir() if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    found = [p.name for p in base.iterdir() if VERSION_RE.fullmatch(p.name) and not p.is_symlink() and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda v: int(v[1:]))
 
 
@@ -258,10 +258,21 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
     path = root / name / version
     if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
         raise ArtifactError(f"subspace {name}/{version} is missing under {root}")
-    manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
+    if any(p.is_symlink() for p in (path, path / MANIFEST, path / TENSORS)):  # never read outside models/
+        raise ArtifactError(f"subspace {name}/{version} is a symlink; versions are plain files under {root}")
+    try:
+        manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
+    except ValueError as err:  # not JSON, not UTF-8
+        raise ArtifactError(f"subspace {name}/{version}: {MANIFEST} is not valid JSON ({err})") from None
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{name}/{version} has format {manifest.format_version}; this build reads {FORMAT_VERSION}")
-    tensors = load_file(str(path / TENSORS))
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (SafetensorError, OSError) as err:  # corrupt or foreign (a pickle is never loaded)
+        raise ArtifactError(f"subspace {name}/{version}: {TENSORS} cannot be read ({err})") from None
+    missing = {"components", "singular_values", "mean", "kind_means", "scale"} - set(tensors)
+    if missing:
+        raise ArtifactError(f"subspace {name}/{version}: {TENSORS} lacks {sorted(missing)}")
     subspace = Subspace(
         k=manifest.k,
         method=manifest.method,  # type: ignore[arg-type]
