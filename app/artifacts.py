@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 
 from app.embedding import Embedder, EmbeddingConfig
 from app.quality import ThresholdPolicy
@@ -231,6 +231,57 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
     if activate:
         set_active(root, manifest.name, manifest.version)
     return manifest
+
+
+def render_version(subspace: Subspace, manifest: Manifest, version: str) -> dict[str, bytes]:
+    """A version's files as bytes, numbered by the caller: a fleet publishes them to Redis first
+    (the number allocated under its refit lock), then every replica installs them with ``install_version``."""
+    manifest.version = check_version(version)
+    manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    return {TENSORS: save(subspace_tensors(subspace)), MANIFEST: json.dumps(manifest.to_json(), indent=2).encode()}
+
+
+def version_files(root: Path, name: str, version: str) -> dict[str, bytes]:
+    """The bytes of a published version (what a fleet publishes and other replicas install)."""
+    path = root / check_name(name) / check_version(version)
+    try:
+        return {f: (path / f).read_bytes() for f in (MANIFEST, TENSORS)}
+    except FileNotFoundError:
+        raise ArtifactError(f"subspace {name}/{version} is missing under {root}") from None
+
+
+def install_version(root: Path, name: str, version: str, files: dict[str, bytes]) -> bool:
+    """Write a version published elsewhere, atomically; True if written, False if already present.
+
+    Versions are immutable: an existing version with other bytes is an error, never overwritten.
+    """
+    if set(files) != {MANIFEST, TENSORS}:
+        raise ArtifactError(f"subspace {name}/{version}: expected files {MANIFEST} and {TENSORS}, got {sorted(files)}")
+    manifest = Manifest.from_json(json.loads(files[MANIFEST]))
+    if (manifest.name, manifest.version) != (name, check_version(version)):
+        raise ArtifactError(f"manifest names {manifest.name}/{manifest.version}, expected {name}/{version}")
+    base = root / check_name(name)
+    if (base / version).exists():
+        if version_files(root, name, version) != files:
+            raise ArtifactError(f"subspace {name}/{version} exists here with different content; versions are immutable")
+        return False
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=base))
+    try:
+        for f, data in files.items():
+            with (tmp / f).open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, base / version)
+        except OSError:
+            if version_files(root, name, version) != files:
+                raise ArtifactError(f"subspace {name}/{version} was written concurrently with different content") from None
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def set_active(root: Path, name: str, version: str) -> None:

@@ -6,6 +6,8 @@ Nothing else in the package reads ``os.environ``; code receives a ``Settings`` i
 from __future__ import annotations
 
 import json
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -65,6 +67,24 @@ class Settings(BaseSettings):
     )
     filter_chunk_lines: int = Field(64, ge=1, description="Lines of a /filter stream scored together.")
     log_level: str = "INFO"
+
+    # --- fleet (Redis) ------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db shared by all replicas; unset = one replica, state on local disk only."
+    )
+    redis_prefix: str = Field("saft", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Namespace of every Redis key.")
+    redis_timeout_s: float = Field(1.0, gt=0, description="Socket timeout of Redis calls; an outage costs at most this.")
+    redis_poll_s: float = Field(0.5, gt=0, description="Active-version check when pub/sub is silent (fallback).")
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This replica's name in locks and jobs."
+    )
+    refit_lock_ttl_s: float = Field(15.0, gt=0, description="A crashed replica's refit lock expires after this.")
+    job_ttl_s: int = Field(7 * 86400, ge=60, description="How long refit job states are kept in Redis.")
+
+    # --- embedding cache -----------------------------------------------------------------------
+    cache_max_bytes: int = Field(256 * 2**20, ge=0, description="In-process cache bound in bytes; 0 turns the cache off.")
+    cache_ttl_s: int = Field(86400, ge=1, description="Lifetime of a cached embedding (both tiers).")
+    cache_redis: bool = Field(True, description="Share cached embeddings through Redis when SAFT_REDIS_URL is set.")
 
     @model_validator(mode="after")
     def _limits_fit_the_queue(self) -> Settings:

@@ -273,15 +273,20 @@ class Embedder:
             out.append(Encoded(tuple(ids), n, n > config.max_length, start))
         return out
 
-    def encode_items(self, items: Sequence[Item], config: EmbeddingConfig) -> list[Encoded]:
-        """Format (the one formatter of ``config.template``) and tokenize items."""
+    def format_items(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[str], list[int | None]]:
+        """Items → formatted texts (the one formatter of ``config.template``) and where each response starts."""
         fmt = self.formatter(config.template)
         texts = [fmt(item) for item in items]
         chars: list[int | None] = []
         for item, text in zip(items, texts, strict=True):
             role, content = item.turns[-1]
             chars.append(text.rfind(content) if role == "assistant" else None)
-        return self.encode(texts, config, chars)
+        return texts, chars
+
+    def encode_items(self, items: Sequence[Item], config: EmbeddingConfig) -> list[Encoded]:
+        """Format and tokenize items."""
+        texts, response_chars = self.format_items(items, config)
+        return self.encode(texts, config, response_chars)
 
     # ----------------------------------------------------------------------------- forward
     def normalize_layers(self, layers: Sequence[int]) -> tuple[int, ...]:

@@ -14,11 +14,14 @@ from app.artifacts import (
     Manifest,
     active_version,
     check_compatible,
+    install_version,
     list_versions,
     load_version,
     remove_stale_scratch,
+    render_version,
     save_version,
     set_active,
+    version_files,
 )
 from app.embedding import Embedder
 from app.subspace import Subspace
@@ -73,6 +76,19 @@ class SubspaceRegistry:
             if activate:
                 self._current = ActiveSubspace(subspace, saved)
         return saved
+
+    def files(self, version: str) -> dict[str, bytes]:
+        """A version's bytes, as published to the fleet."""
+        return version_files(self.root, self.name, version)
+
+    def install(self, version: str, files: dict[str, bytes]) -> None:
+        """Write a version another replica published (idempotent; immutable)."""
+        install_version(self.root, self.name, version, files)
+
+    @staticmethod
+    def render(subspace: Subspace, manifest: Manifest, version: str) -> dict[str, bytes]:
+        """A new version's bytes, to publish to the fleet before any replica installs it."""
+        return render_version(subspace, manifest, version)
 
     def versions(self) -> list[str]:
         return list_versions(self.root, self.name)

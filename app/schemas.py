@@ -107,6 +107,7 @@ class JobState(BaseModel):
     quality: dict[str, Any] | None = None
     rejected: dict[str, Any] | None = Field(None, description="Invalid calibration lines: count and the first 100 with reasons.")
     error: str | None = None
+    replica: str | None = Field(None, description="The replica running the job (in a fleet).")
     created_at: float
     finished_at: float | None = None
 

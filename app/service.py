@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 
 from app import metrics
+from app.artifacts import ArtifactError, Manifest
 from app.batching import BatchStats, MicroBatcher, QueueFull
+from app.cache import CachedEmbedding, EmbeddingCache, cache_key
 from app.config import Settings
 from app.embedding import Embedder, EmbeddingConfig, Encoded
+from app.fleet import Fleet, FleetUnavailable, RefitLease, RefitLocked, VersionConflict
 from app.items import Item
 from app.pipeline import FitOptions, Scored, file_digest, fit_lines, read_lines, score_encoded
 from app.registry import ActiveSubspace, SubspaceRegistry
@@ -34,6 +37,10 @@ class NotReady(RuntimeError):
 
 class RefitInProgress(RuntimeError):
     """A refit of this subspace is already running."""
+
+
+class RegistryUnavailable(NotReady):
+    """Redis is configured but unreachable: fleet writes (refit, activate) wait until it is back."""
 
 
 class ItemTooLarge(ValueError):
@@ -63,6 +70,10 @@ class JobStore:
         with self._lock:
             self._jobs[job_id].update(fields)
 
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -77,6 +88,19 @@ class ScoringService:
         self.embedder = embedder
         self.registry = SubspaceRegistry(settings.models_dir, settings.subspace_name, embedder)
         self.jobs = JobStore()
+        self.fleet: Fleet | None = None
+        if settings.redis_url:
+            self.fleet = Fleet(settings.redis_url, prefix=settings.redis_prefix, name=settings.subspace_name,
+                               replica_id=settings.replica_id, timeout_s=settings.redis_timeout_s,
+                               lock_ttl_s=settings.refit_lock_ttl_s, job_ttl_s=settings.job_ttl_s)
+        self.fleet_online = False
+        self.cache = EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_s,
+                                    redis=self.fleet.redis if self.fleet and settings.cache_redis else None,
+                                    prefix=settings.redis_prefix)
+        self.cache.redis_online = False
+        self._pending_jobs: dict[str, dict[str, Any]] = {}  # job states not yet in Redis (written during an outage)
+        self._adopt_lock = asyncio.Lock()
+        self._fleet_task: asyncio.Task[None] | None = None
         self.batcher: MicroBatcher[Encoded, np.ndarray] = MicroBatcher(
             self._forward,
             max_batch_tokens=settings.max_batch_tokens,
@@ -100,6 +124,14 @@ class ScoringService:
         snapshot = await asyncio.to_thread(self.registry.load_active)
         if snapshot is not None:
             self._record_version(snapshot)
+        if self.fleet is not None:
+            try:  # a replica that starts later serves the fleet's active version from its first request
+                await self._reconcile()
+                self._set_fleet_online(True)
+            except FleetUnavailable as err:
+                log.warning("starting degraded on the local active version: %s", err)
+            snapshot = self.registry.current
+            self._fleet_task = asyncio.create_task(self._fleet_loop(), name="fleet")
         await asyncio.to_thread(self._warm_up, snapshot)
         self.batcher.start()
         self.ready = snapshot is not None
@@ -107,6 +139,18 @@ class ScoringService:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop(drain=True)
+        if self._fleet_task is not None:
+            self._fleet_task.cancel()
+            await asyncio.gather(self._fleet_task, return_exceptions=True)
+        if self.fleet is not None:
+            await self.fleet.close()
+
+    @property
+    def health(self) -> str:
+        """ready | degraded (scoring on the local version while Redis is unreachable) | not_ready."""
+        if not self.ready:
+            return "not_ready"
+        return "degraded" if self.fleet is not None and not self.fleet_online else "ready"
 
     def _warm_up(self, snapshot: ActiveSubspace | None) -> None:
         config = snapshot.manifest.embedding if snapshot else EmbeddingConfig()
@@ -135,19 +179,42 @@ class ScoringService:
         if chars > self.settings.max_chars_per_item:
             raise ItemTooLarge(f"{where}: {chars} characters exceed the limit of {self.settings.max_chars_per_item} per item")
 
+    def _format_and_key(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[str], list[int | None], list[str]]:
+        texts, response_chars = self.embedder.format_items(items, config)
+        keys = [cache_key(self.embedder.weights_digest, config, text) for text in texts]
+        return texts, response_chars, keys
+
     async def embed(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
-        """Tokenize off the loop, then wait for the shared inference worker."""
+        """Embed items, each distinct input once: cached ones (local, then Redis) are not run again,
+        duplicates within the call share one forward pass; the rest wait for the shared inference worker."""
         start = time.perf_counter()
-        encoded = await asyncio.to_thread(self.embedder.encode_items, items, config)
-        metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
-        try:
-            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config)
-        except QueueFull:
-            metrics.QUEUE_FULL.inc()
-            raise
-        finally:
-            metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
-        return encoded, np.stack(rows) if rows else np.empty((0, self.embedder.dim(config)), np.float32)
+        texts, response_chars, keys = await asyncio.to_thread(self._format_and_key, items, config)
+        cached, local_hits, redis_hits = await self.cache.get_many(keys)
+        first: dict[str, int] = {}  # key → index of its first uncached occurrence
+        for i, (key, entry) in enumerate(zip(keys, cached, strict=True)):
+            if entry is None and key not in first:
+                first[key] = i
+        todo = list(first.values())
+        metrics.CACHE_HITS.labels("local").inc(local_hits)
+        metrics.CACHE_HITS.labels("redis").inc(redis_hits)
+        metrics.CACHE_HITS.labels("request").inc(len(items) - local_hits - redis_hits - len(todo))
+        metrics.CACHE_MISSES.inc(len(todo))
+        fresh: dict[str, CachedEmbedding] = {}
+        if todo:
+            encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
+            metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
+            try:
+                rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config)
+            except QueueFull:
+                metrics.QUEUE_FULL.inc()
+                raise
+            finally:
+                metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+            fresh = {keys[i]: CachedEmbedding(row, e.n_tokens, e.truncated) for i, e, row in zip(todo, encoded, rows, strict=True)}
+            await self.cache.put_many(fresh)
+        entries = [entry if entry is not None else fresh[key] for key, entry in zip(keys, cached, strict=True)]
+        out = [Encoded((), e.n_tokens, e.truncated) for e in entries]
+        return out, np.stack([e.vector for e in entries]) if entries else np.empty((0, self.embedder.dim(config)), np.float32)
 
     async def score(self, items: Sequence[Item], snapshot: ActiveSubspace, threshold: float | None) -> list[Scored]:
         """Score items with one snapshot (one version for the whole request)."""
@@ -163,61 +230,299 @@ class ScoringService:
     def _record_version(self, snapshot: ActiveSubspace) -> None:
         metrics.ACTIVE_VERSION.labels(snapshot.manifest.name).set(int(snapshot.manifest.version[1:]))
 
-    async def activate(self, version: str) -> ActiveSubspace:
-        snapshot = await asyncio.to_thread(self.registry.activate, version)
-        self._record_version(snapshot)
-        self.ready = True
-        return snapshot
+    def _require_fleet(self) -> Fleet | None:
+        if self.fleet is not None and not self.fleet_online:
+            raise RegistryUnavailable("Redis is unreachable: subspace writes are refused until it is back "
+                                      "(scoring continues on the local active version)")
+        return self.fleet
 
-    def start_refit(self, upload: Path, options: FitOptions, activate: bool, strict: bool = False) -> dict[str, Any]:
-        """Start a refit job in a thread; 409 (RefitInProgress) while another one runs."""
+    async def versions(self) -> list[str]:
+        """Published versions: the fleet's when Redis is configured and reachable, else this disk's."""
+        if self.fleet is not None and self.fleet_online:
+            try:
+                return await self.fleet.versions()
+            except FleetUnavailable:
+                pass
+        return await asyncio.to_thread(self.registry.versions)
+
+    async def manifest(self, version: str) -> Manifest:
+        """A version's manifest; one published by another replica is installed here first."""
+        if version not in await asyncio.to_thread(self.registry.versions):
+            await self._install_from_fleet(version)
+        return await asyncio.to_thread(self.registry.manifest, version)
+
+    async def _install_from_fleet(self, version: str) -> None:
+        if self.fleet is None:
+            return
+        try:
+            files = await self.fleet.fetch(version)
+        except FleetUnavailable:
+            return
+        if files is not None:
+            await asyncio.to_thread(self.registry.install, version, files)
+
+    async def activate(self, version: str) -> ActiveSubspace:
+        """Roll back or forward; in a fleet every replica follows within ``redis_poll_s``."""
+        fleet = self._require_fleet()
+        if fleet is not None:
+            try:
+                if version not in await fleet.versions():
+                    raise ArtifactError(f"subspace {self.registry.name!r} has no published version {version!r}")
+                await fleet.set_active(version)
+            except FleetUnavailable as err:
+                raise RegistryUnavailable(str(err)) from None
+        return await self._adopt(version)
+
+    async def _adopt(self, version: str) -> ActiveSubspace:
+        """Make ``version`` active here (installing it from Redis if this disk lacks it)."""
+        async with self._adopt_lock:
+            current = self.registry.current
+            if current is not None and current.manifest.version == version:
+                return current
+            if version not in await asyncio.to_thread(self.registry.versions):
+                await self._install_from_fleet(version)
+            snapshot = await asyncio.to_thread(self.registry.activate, version)
+            self._record_version(snapshot)
+            self.ready = True
+            log.info("active subspace is now %s/%s", snapshot.manifest.name, version)
+            return snapshot
+
+    # ----------------------------------------------------------------------------- fleet sync
+    def _set_fleet_online(self, online: bool) -> None:
+        if online != self.fleet_online:
+            log.log(logging.INFO if online else logging.WARNING, "Redis %s", "connected" if online else "unreachable: degraded")
+        self.fleet_online = online
+        self.cache.redis_online = online
+        metrics.FLEET_ONLINE.set(int(online))
+
+    async def _reconcile(self) -> None:
+        """On (re)connection: flush job states written during an outage, publish local versions Redis
+        lacks (a first start, or a Redis that lost its data), then follow the fleet's active version."""
+        assert self.fleet is not None
+        for job_id, job in list(self._pending_jobs.items()):
+            await self.fleet.put_job(job)
+            self._pending_jobs.pop(job_id, None)
+        published = set(await self.fleet.versions())
+        for version in await asyncio.to_thread(self.registry.versions):
+            if version not in published:
+                try:
+                    await self.fleet.seed(version, await asyncio.to_thread(self.registry.files, version))
+                except VersionConflict as err:
+                    log.error("not publishing local version: %s", err)
+        active = await self.fleet.active()
+        current = self.registry.current
+        if active is None and current is not None:
+            await self.fleet.seed_active(current.manifest.version)
+            active = await self.fleet.active()
+        if active is not None:
+            try:
+                await self._adopt(active)
+            except ArtifactError as err:  # e.g. fitted on another model: keep serving what we have
+                log.error("cannot adopt the fleet's active version %s: %s", active, err)
+
+    async def _fleet_loop(self) -> None:
+        """Follow the fleet: pub/sub events, a periodic pointer check as the fallback, reconnection."""
+        assert self.fleet is not None
+        backoff = 0.1
+        while True:
+            try:
+                if not self.fleet_online:
+                    await self.fleet.ping()
+                    await self._reconcile()
+                    self._set_fleet_online(True)
+                    backoff = 0.1
+                listen = asyncio.create_task(self.fleet.listen(self._on_event))
+                poll = asyncio.create_task(self._poll_active())
+                try:
+                    done, _ = await asyncio.wait({listen, poll}, return_when=asyncio.FIRST_EXCEPTION)
+                finally:
+                    for task in (listen, poll):
+                        task.cancel()
+                    await asyncio.gather(listen, poll, return_exceptions=True)
+                for task in done:
+                    task.result()
+            except FleetUnavailable as err:
+                if self.fleet_online:
+                    log.warning("%s", err)
+                self._set_fleet_online(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the follower must outlive any one bad event
+                log.exception("fleet sync failed; retrying")
+                self._set_fleet_online(False)
+                await asyncio.sleep(1.0)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("name") == self.registry.name:
+            await self._follow_pointer()
+
+    async def _poll_active(self) -> None:
+        while True:
+            await self._follow_pointer()
+            await asyncio.sleep(self.settings.redis_poll_s)
+
+    async def _follow_pointer(self) -> None:
+        assert self.fleet is not None
+        active = await self.fleet.active()
+        current = self.registry.current
+        if active is not None and (current is None or current.manifest.version != active):
+            try:
+                await self._adopt(active)
+            except ArtifactError as err:
+                log.error("cannot adopt the fleet's active version %s: %s", active, err)
+
+    # ----------------------------------------------------------------------------- refit jobs
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's state as the fleet sees it (any replica's job), else this replica's."""
+        if self.fleet is not None and self.fleet_online:
+            try:
+                found = await self.fleet.get_job(job_id)
+                if found is not None:
+                    return found
+            except FleetUnavailable:
+                pass
+        return self.jobs.get(job_id)
+
+    async def start_refit(self, upload: Path, options: FitOptions, activate: bool, strict: bool = False) -> dict[str, Any]:
+        """Start a refit job in a thread; 409 (RefitInProgress) while another one runs here or in the fleet."""
         if not self._refit_lock.acquire(blocking=False):
             upload.unlink(missing_ok=True)
             raise RefitInProgress(f"a refit of subspace {self.registry.name!r} is already running")
         job = self.jobs.create(self.registry.name, {**_options_dict(options), "activate": activate, "strict": strict})
-        thread = threading.Thread(target=self._run_refit, args=(job["job_id"], upload, options, activate, strict),
+        try:
+            lease = None
+            fleet = self._require_fleet()
+            if fleet is not None:
+                try:
+                    lease = await fleet.acquire(job["job_id"])
+                except RefitLocked as err:
+                    raise RefitInProgress(str(err)) from None
+                except FleetUnavailable as err:
+                    raise RegistryUnavailable(str(err)) from None
+                self.jobs.update(job["job_id"], replica=self.settings.replica_id, lease=lease.value)
+                job = self.jobs.get(job["job_id"])  # type: ignore[assignment]
+                await self._push_job(job["job_id"])
+        except BaseException:
+            self.jobs.delete(job["job_id"])  # never started: no job to report
+            upload.unlink(missing_ok=True)
+            self._refit_lock.release()
+            raise
+        stop = threading.Event()
+        if lease is not None:
+            asyncio.get_running_loop().create_task(self._keep_lease(lease, stop))
+        thread = threading.Thread(target=self._run_refit, args=(job["job_id"], upload, options, activate, strict, lease, stop),
                                   name=f"refit-{job['job_id'][:8]}", daemon=True)
         thread.start()
         return job
 
+    async def _keep_lease(self, lease: RefitLease, stop: threading.Event) -> None:
+        """Renew the fleet lock while the job runs; through an outage it keeps trying (publication is fenced)."""
+        assert self.fleet is not None
+        while not stop.is_set():
+            await asyncio.sleep(self.settings.refit_lock_ttl_s / 3)
+            if stop.is_set():
+                break
+            try:
+                if not await self.fleet.renew(lease):
+                    log.warning("refit %s: lock lapsed; publication will check the fence", lease.job_id)
+            except FleetUnavailable:
+                pass
+
+    async def _push_job(self, job_id: str) -> None:
+        """Write a job's state to Redis; during an outage keep it for the reconnection."""
+        job = self.jobs.get(job_id)
+        if self.fleet is None or job is None:
+            return
+        try:
+            await self.fleet.put_job(job)
+            self._pending_jobs.pop(job_id, None)
+        except FleetUnavailable:
+            self._pending_jobs[job_id] = job
+
+    def _on_loop(self, coro: Any) -> Any:
+        """Run a coroutine on the service's loop from a worker thread and wait for it."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _update_job(self, job_id: str, **fields: Any) -> None:
+        self.jobs.update(job_id, **fields)
+        if self.fleet is not None:
+            self._on_loop(self._push_job(job_id))
+
     def _embed_from_thread(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
         """The refit's embed function: shares the inference worker with live traffic, backing off on 429."""
-        assert self._loop is not None
         while True:
             try:
-                return asyncio.run_coroutine_threadsafe(self.embed(items, config), self._loop).result()
+                return self._on_loop(self.embed(items, config))
             except QueueFull as err:
                 time.sleep(min(err.retry_after_s, 1.0))
 
-    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activate: bool, strict: bool) -> None:
-        self.jobs.update(job_id, status="running")
+    def _until_published(self, step: Any) -> Any:
+        """Retry a fleet step through a Redis outage (a fenced lease keeps it safe); other errors propagate."""
+        while True:
+            try:
+                return self._on_loop(step())
+            except FleetUnavailable as err:
+                log.warning("refit waits for Redis: %s", err)
+                time.sleep(0.5)
+
+    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activate: bool, strict: bool,
+                   lease: RefitLease | None, stop: threading.Event) -> None:
+        self._update_job(job_id, status="running")
         done = 0
+        last_push = 0.0
 
         def progress(n: int) -> None:
-            nonlocal done
+            nonlocal done, last_push
             done += n
             self.jobs.update(job_id, progress={"lines": done})
+            if self.fleet is not None and time.monotonic() - last_push > 1.0:  # progress to Redis at most 1/s
+                last_push = time.monotonic()
+                self._on_loop(self._push_job(job_id))
 
         try:
             with upload.open("rb") as fh:
                 result = fit_lines(self.embedder, read_lines(fh), options, name=self.registry.name,
                                    calibration_digest=file_digest(upload), calibration_path="upload",
                                    progress=progress, embed=self._embed_from_thread, strict=strict)
-            saved = self.registry.publish(result.subspace, result.manifest, activate=activate)
-            if activate:
+            if lease is None:
+                saved = self.registry.publish(result.subspace, result.manifest, activate=activate)
+            else:
+                fleet = self.fleet
+                assert fleet is not None
+                # Redis first, then disks: a version exists on a disk only once the fleet has it, so a
+                # crash or a lost lock can never leave a local version that other replicas lack.
+                version = self._until_published(lambda: fleet.next_version(self.registry.versions()))
+                files = self.registry.render(result.subspace, result.manifest, version)
+                self._until_published(lambda: fleet.publish(lease, version, files, activate=activate))
+                self.registry.install(version, files)
+                saved = result.manifest
+                if activate:
+                    self._on_loop(self._adopt(saved.version))
+            if activate and lease is None:
                 self._record_version(self.registry.current)  # type: ignore[arg-type]
                 self.ready = True
-            self.jobs.update(job_id, status="succeeded", version=saved.version, activated=activate,
+            self._update_job(job_id, status="succeeded", version=saved.version, activated=activate,
                              quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
                              finished_at=time.time())
             metrics.REFITS.labels("succeeded").inc()
             log.info("refit %s published %s/%s (active=%s)", job_id, saved.name, saved.version, activate)
         except Exception as err:  # noqa: BLE001 - a failed job is reported, not raised into a dead thread
             log.exception("refit %s failed", job_id)
-            self.jobs.update(job_id, status="failed", error=str(err), finished_at=time.time())
+            self._update_job(job_id, status="failed", error=str(err), finished_at=time.time())
             metrics.REFITS.labels("failed").inc()
         finally:
+            stop.set()
             upload.unlink(missing_ok=True)
+            if lease is not None:
+                fleet = self.fleet
+                assert fleet is not None
+                try:
+                    self._on_loop(fleet.release(lease))
+                except FleetUnavailable:
+                    pass  # it expires by itself
             self._refit_lock.release()
 
 

@@ -15,5 +15,10 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
+# The tests run their own redis-server (on a free port, with a data dir of their own): install it where missing.
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 # Converts SmolLM2's GGUF to safetensors in the model cache on first use only.
 .venv/bin/saft model-cache --convert >/dev/null

@@ -8,7 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.artifacts import ArtifactError, Manifest, active_version, check_compatible, list_versions, load_version, save_version, set_active
+from app.artifacts import (
+    ArtifactError,
+    Manifest,
+    active_version,
+    check_compatible,
+    install_version,
+    list_versions,
+    load_version,
+    render_version,
+    save_version,
+    set_active,
+    version_files,
+)
 from app.embedding import Embedder, EmbeddingConfig
 from app.quality import ThresholdPolicy
 from app.subspace import Subspace
@@ -89,3 +101,26 @@ def test_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="malformed.*threshold"):
         load_version(tmp_path, "demo")
+
+
+def test_rendered_version_installs_atomically_once_and_is_immutable(tmp_path: Path) -> None:
+    """What a fleet publishes (bytes numbered under its lock) installs on any replica's disk as the same version."""
+    sub, X = _fitted()
+    files = render_version(sub, _manifest(), "v7")
+    assert install_version(tmp_path, "demo", "v7", files) is True
+    assert install_version(tmp_path, "demo", "v7", files) is False  # idempotent: a replica may hear it twice
+    assert version_files(tmp_path, "demo", "v7") == files
+    loaded, manifest = load_version(tmp_path, "demo", "v7")
+    assert manifest.version == "v7" and np.array_equal(loaded.score_samples(X), sub.score_samples(X))
+    other = render_version(_fitted(seed=1)[0], _manifest(), "v7")
+    with pytest.raises(ArtifactError, match="immutable"):
+        install_version(tmp_path, "demo", "v7", other)
+    assert version_files(tmp_path, "demo", "v7") == files  # untouched
+    with pytest.raises(ArtifactError, match="expected demo/v8"):
+        install_version(tmp_path, "demo", "v8", files)  # the manifest says v7
+    with pytest.raises(ArtifactError, match="expected files"):
+        install_version(tmp_path, "demo", "v9", {"manifest.json": files["manifest.json"]})
+    assert list_versions(tmp_path, "demo") == ["v7"]
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["v7"]  # no temp dirs left behind
+    save_version(tmp_path, sub, _manifest())
+    assert list_versions(tmp_path, "demo") == ["v7", "v8"]  # local numbering continues above installed versions

@@ -17,16 +17,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Model loaded and a subspace active")
+@router.get("/readyz", summary="Model loaded and a subspace active ('degraded': scoring, but Redis unreachable)")
 async def readyz(service: ScoringService = Depends(get_service)) -> ORJSONResponse:
     current = service.registry.current
+    status = service.health
     body = {
-        "status": "ready" if service.ready else "not_ready",
+        "status": status,
         "model": service.embedder.model_id,
         "subspace": None if current is None else {"name": current.manifest.name, "version": current.manifest.version},
         "queue_depth": service.batcher.queue_depth,
+        "redis": "not_configured" if service.fleet is None else ("connected" if service.fleet_online else "unreachable"),
     }
-    return ORJSONResponse(body, status_code=200 if service.ready else 503)
+    return ORJSONResponse(body, status_code=503 if status == "not_ready" else 200)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -22,9 +22,9 @@ from app.subspace import FitError
 router = APIRouter(prefix="/subspace", tags=["subspace"])
 
 
-def _info(service: ScoringService, version: str) -> SubspaceInfo:
+async def _info(service: ScoringService, version: str) -> SubspaceInfo:
     try:
-        manifest = service.registry.manifest(check_version(version))
+        manifest = await service.manifest(check_version(version))
     except ArtifactError as err:
         raise NotFound(str(err)) from None
     current = service.registry.current
@@ -35,29 +35,29 @@ def _info(service: ScoringService, version: str) -> SubspaceInfo:
 @router.get("", response_model=SubspaceInfo, dependencies=[Depends(require_client)], summary="The active subspace")
 async def active(service: ScoringService = Depends(get_service)) -> SubspaceInfo:
     snapshot = service.snapshot()
-    return _info(service, snapshot.manifest.version)
+    return await _info(service, snapshot.manifest.version)
 
 
 @router.get("/versions", response_model=VersionList, dependencies=[Depends(require_client)])
 async def versions(service: ScoringService = Depends(get_service)) -> VersionList:
     current = service.registry.current
     return VersionList(name=service.registry.name, active=current.manifest.version if current else None,
-                       versions=service.registry.versions())
+                       versions=await service.versions())
 
 
 @router.get("/versions/{version}", response_model=SubspaceInfo, dependencies=[Depends(require_client)])
 async def version_info(version: str, service: ScoringService = Depends(get_service)) -> SubspaceInfo:
-    return _info(service, version)
+    return await _info(service, version)
 
 
 @router.post("/versions/{version}/activate", response_model=SubspaceInfo, dependencies=[Depends(require_admin)],
              summary="Activate a published version (rollback or roll forward)")
 async def activate(version: str, service: ScoringService = Depends(get_service)) -> SubspaceInfo:
     check_version(version)
-    if version not in service.registry.versions():
+    if version not in await service.versions():
         raise NotFound(f"subspace {service.registry.name!r} has no version {version!r}")
     await service.activate(version)
-    return _info(service, version)
+    return await _info(service, version)
 
 
 @router.post(
@@ -105,13 +105,13 @@ async def refit(
     except BaseException:
         os.unlink(path)
         raise
-    job = service.start_refit(Path(path), options, activate, strict)
+    job = await service.start_refit(Path(path), options, activate, strict)
     return RefitAccepted(job_id=job["job_id"], status=job["status"])
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, dependencies=[Depends(require_client)])
 async def job(job_id: str, service: ScoringService = Depends(get_service)) -> JobState:
-    state = service.jobs.get(job_id)
+    state = await service.job(job_id)
     if state is None:
         raise NotFound(f"no refit job {job_id!r}")
     return JobState(**state)
