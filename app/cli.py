@@ -9,7 +9,7 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -22,7 +22,17 @@ from rich.table import Table
 from app.artifacts import ArtifactError, check_compatible, load_version, save_version
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError
-from app.pipeline import EmbedFn, FitOptions, direct_embed, file_digest, fit_lines, line_record, read_lines, score_lines
+from app.pipeline import (
+    EmbedFn,
+    FitOptions,
+    direct_embed,
+    file_digest,
+    filter_record,
+    fit_lines,
+    line_record,
+    read_lines,
+    score_lines,
+)
 from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
 from app.report import write_report
 from app.subspace import FitError
@@ -183,43 +193,69 @@ def score(
 
 @app.command(name="filter")
 def filter_(
-    input: Annotated[Path, typer.Argument(help="JSONL of items.", exists=True, dir_okay=False)],
-    kept: Annotated[Path, typer.Option(help="Kept lines, unchanged.")] = Path("kept.jsonl"),
-    dropped: Annotated[Path, typer.Option(help="Dropped lines with their score.")] = Path("dropped.jsonl"),
-    rejected: Annotated[Path, typer.Option(help="Invalid lines: line number, reason, raw object.")] = Path("rejected.jsonl"),
+    input: Annotated[Path, typer.Argument(help="JSONL of items; with --engine ray also a directory of *.jsonl shards or a glob.")],
+    kept: Annotated[Path | None, typer.Option(help="Kept lines, unchanged (default kept.jsonl; ray: directory kept/).")] = None,
+    dropped: Annotated[Path | None, typer.Option(help="Dropped lines with their score (default dropped.jsonl; ray: dropped/).")] = None,
+    rejected: Annotated[Path | None, typer.Option(help="Invalid lines: line number, reason, raw object (default rejected.jsonl; ray: rejected/).")] = None,
+    scores: Annotated[Path | None, typer.Option(help="Also every line's score record, as 'saft score' writes it (ray: a directory).")] = None,
     summary: Annotated[Path | None, typer.Option(help="Summary JSON (also printed).")] = None,
     name: NameOpt = None,
     version: VersionOpt = None,
     threshold: ThresholdOpt = None,
+    engine: Annotated[str, typer.Option(help="local (this process) | ray (Ray Data actor pool, one model per actor).")] = "local",
+    actors: Annotated[int | None, typer.Option(min=1, help="ray: actors (default: one per GPU, else one per spare CPU).")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(min=0.1, help="ray: CPUs reserved per actor (its torch threads on CPU).")] = 1.0,
+    gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="ray: GPUs per actor (default: 1 when the cluster has GPUs).")] = None,
+    batch_lines: Annotated[int, typer.Option(min=1, help="ray: lines per actor call.")] = 256,
+    ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (default: RAY_ADDRESS, else a local cluster).")] = None,
 ) -> None:
     """Split a dataset into kept / dropped / rejected files; every input line lands in exactly one."""
+    if engine not in ("local", "ray"):
+        raise _fail(f"--engine: {engine!r} is not one of local, ray")
+    if engine == "local" and not input.is_file():
+        raise _fail(f"input: {input} is not a file (a directory or glob of shards needs --engine ray)")
     try:
-        embedder, subspace, manifest = _load_scoring(name, version, None)
+        if engine == "ray":
+            from app.ray_engine import RayOptions, run_filter
+
+            settings = get_settings()
+            subspace, manifest = load_version(settings.models_dir, name or settings.subspace_name, version)
+            result = run_filter(
+                str(input), settings=settings, subspace=subspace, manifest=manifest, threshold=threshold,
+                kept=kept or Path("kept"), dropped=dropped or Path("dropped"), rejected=rejected or Path("rejected"), scores=scores,
+                options=RayOptions(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                                   batch_lines=batch_lines, address=ray_address),
+            )
+        else:
+            result = _filter_local(input, *_load_scoring(name, version, None), kept or Path("kept.jsonl"), dropped or Path("dropped.jsonl"),
+                                   rejected or Path("rejected.jsonl"), scores, threshold)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
-    counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
-    with (
-        input.open("rb") as fh, kept.open("wb") as kept_fh, dropped.open("wb") as dropped_fh, rejected.open("wb") as rejected_fh,
-        _progress("filtering", _count_lines(input)) as advance,
-    ):
-        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
-            counts["total"] += 1
-            if scored is None:
-                counts["rejected"] += 1
-                rejected_fh.write(orjson.dumps({"line": line.number, "error": line.error, "item": line.obj}) + b"\n")
-            elif scored.verdict == "keep":
-                counts["kept"] += 1
-                kept_fh.write(orjson.dumps(line.obj) + b"\n")
-            else:
-                counts["dropped"] += 1
-                dropped_fh.write(orjson.dumps({**(line.obj or {}), "saft": {"line": line.number, "score": scored.score}}) + b"\n")
-    result = {**counts, "subspace": manifest.name, "version": manifest.version,
-              "threshold": manifest.threshold if threshold is None else threshold,
-              "files": {"kept": str(kept), "dropped": str(dropped), "rejected": str(rejected)}}
     text = json.dumps(result, indent=2)
     if summary is not None:
         summary.write_text(text + "\n")
     typer.echo(text)
+
+
+def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any, kept: Path, dropped: Path, rejected: Path,
+                  scores: Path | None, threshold: float | None) -> dict[str, Any]:
+    counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
+    with (
+        input.open("rb") as fh, kept.open("wb") as kept_fh, dropped.open("wb") as dropped_fh, rejected.open("wb") as rejected_fh,
+        (scores.open("wb") if scores is not None else nullcontext()) as scores_fh,
+        _progress("filtering", _count_lines(input)) as advance,
+    ):
+        out = {"kept": kept_fh, "dropped": dropped_fh, "rejected": rejected_fh}
+        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
+            bucket, record = filter_record(line, scored)
+            counts["total"] += 1
+            counts[bucket] += 1
+            out[bucket].write(orjson.dumps(record) + b"\n")
+            if scores_fh is not None:
+                scores_fh.write(orjson.dumps(line_record(line, scored)) + b"\n")
+    files = {"kept": str(kept), "dropped": str(dropped), "rejected": str(rejected)} | ({"scores": str(scores)} if scores else {})
+    return {**counts, "subspace": manifest.name, "version": manifest.version,
+            "threshold": manifest.threshold if threshold is None else threshold, "files": files, "engine": "local"}
 
 
 @app.command(name="eval")

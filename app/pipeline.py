@@ -262,6 +262,21 @@ def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
     return rec
 
 
+def filter_record(line: Line, scored: Scored | None, shard: str | None = None) -> tuple[str, Any]:
+    """Where ``saft filter`` puts a line (``kept`` / ``dropped`` / ``rejected``) and what it writes there.
+
+    Kept lines are written unchanged; a dropped one carries its line number and score under ``"saft"``;
+    a rejected one its reason. ``shard`` names the input file when a run reads several (the Ray engine),
+    so every written line still leads back to its source. Shared by the local and the Ray engine.
+    """
+    where: dict[str, Any] = {} if shard is None else {"shard": shard}
+    if scored is None:
+        return "rejected", {**where, "line": line.number, "error": line.error, "item": line.obj}
+    if scored.verdict == "keep":
+        return "kept", line.obj
+    return "dropped", {**(line.obj or {}), "saft": {**where, "line": line.number, "score": scored.score}}
+
+
 def score_encoded(
     subspace: Subspace,
     manifest: Manifest,
