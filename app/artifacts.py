@@ -266,13 +266,16 @@ def install_version(root: Path, name: str, version: str, files: dict[str, bytes]
             raise ArtifactError(f"subspace {name}/{version} exists here with different content; versions are immutable")
         return False
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("writing"), dir=base))
     try:
-        for f, data in files.items():
-            with (tmp / f).open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:
+            for f, data in files.items():
+                with (tmp / f).open("wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as err:
+            raise ArtifactError(f"subspace {name}/{version}: installing under {base} failed ({err}); nothing was published") from None
         try:
             os.rename(tmp, base / version)
         except OSError:
