@@ -203,6 +203,10 @@ def run_filter(
     try:
         resources = ray.cluster_resources()
         gpus = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) else 0.0)
+        if gpus > resources.get("GPU", 0):
+            # Ray would wait for a GPU forever instead of failing.
+            raise RayEngineError(f"--gpus-per-actor {gpus:g}: the Ray cluster has {resources.get('GPU', 0):g} GPU(s); "
+                                 "use --gpus-per-actor 0 to score on CPUs")
         actors = options.actors or (int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // options.cpus_per_actor) - 1)
         actors = max(1, actors)
         if not gpus and settings.num_threads == 0:

@@ -146,3 +146,10 @@ def test_ray_engine_refuses_unusable_inputs_and_outputs(shards: Path, tmp_path: 
     assert result.exit_code == 2 and "needs --engine ray" in result.output
     result = runner.invoke(app, ["filter", str(shards), "--engine", "spark"])
     assert result.exit_code == 2 and "'spark'" in result.output
+
+
+def test_ray_engine_refuses_gpus_the_cluster_lacks(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert not ray_cluster.cluster_resources().get("GPU")
+    result = runner.invoke(app, ["filter", str(shards), "--engine", "ray", "--gpus-per-actor", "1", "--kept", str(tmp_path / "k"),
+                                 "--dropped", str(tmp_path / "d"), "--rejected", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--gpus-per-actor 1: the Ray cluster has 0 GPU(s)" in result.output
