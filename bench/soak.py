@@ -1,0 +1,168 @@
+"""Soak / load test of the real service: loopback only, fixed duration, phases at and beyond capacity.
+
+    python -m bench.soak --minutes 8            # starts its own server (models/default), writes bench/soak.json
+    python -m bench.soak --url http://127.0.0.1:8000 --pid 1234 --minutes 8
+
+Phases: warm-up (8 clients), at capacity (4), beyond capacity (48 clients against a small queue, so
+the service must shed load with 429 + Retry-After), recovery (2). Per phase: requests, status codes,
+429s without Retry-After, transport errors, latency percentiles of the 200s, and the server's
+resident memory (VmRSS) sampled every second. tests/test_reliability_load.py runs a short version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_eval.jsonl"
+SERVER_ENV = {"SAFT_MAX_QUEUE": "64", "SAFT_MAX_ITEMS_PER_REQUEST": "16", "SAFT_FILTER_CHUNK_LINES": "16"}
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    clients: int
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    clients: int
+    seconds: float
+    statuses: Counter[int] = field(default_factory=Counter)
+    missing_retry_after: int = 0
+    transport_errors: Counter[str] = field(default_factory=Counter)  # by endpoint (a client timeout is one)
+    wrong_results: int = 0
+    latencies_ok: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ok) * 1000 if self.latencies_ok else np.zeros(1)
+        return {
+            "phase": self.name, "clients": self.clients, "seconds": self.seconds,
+            "requests": sum(self.statuses.values()), "statuses": dict(sorted(self.statuses.items())),
+            "ok_per_s": round(self.statuses.get(200, 0) / self.seconds, 2),
+            "missing_retry_after": self.missing_retry_after, "transport_errors": dict(self.transport_errors),
+            "wrong_results": self.wrong_results,
+            "latency_ms_ok": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1),
+                              "p99": round(float(np.percentile(lat, 99)), 1)},
+            "rss_mb": {"start": self.rss_mb[0], "end": self.rss_mb[-1], "max": max(self.rss_mb)} if self.rss_mb else None,
+        }
+
+
+def texts(limit: int = 400) -> list[str]:
+    rows = [json.loads(line) for line in DATA.open()]
+    return [(r.get("text") or r.get("prompt") or "")[:limit] for r in rows if r.get("text") or r.get("prompt")]
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+async def _client(client: httpx.AsyncClient, pool: list[str], deadline: float, result: PhaseResult, rng: random.Random,
+                  filter_share: float) -> None:
+    while time.monotonic() < deadline:
+        n = rng.randint(1, 8)
+        sample = rng.sample(pool, n)
+        start = time.perf_counter()
+        endpoint = "/filter" if rng.random() < filter_share else "/score"  # a small /filter stream now and then
+        try:
+            if endpoint == "/filter":
+                body = "\n".join(json.dumps({"text": t}) for t in sample).encode() + b"\n"
+                r = await client.post("/filter", content=body, headers={"content-type": "application/x-ndjson"})
+                ok = r.status_code != 200 or json.loads(r.text.splitlines()[-1]).get("total") == n
+            else:
+                r = await client.post("/score", json={"items": [{"text": t} for t in sample]})
+                ok = r.status_code != 200 or len(r.json()["results"]) == n
+        except httpx.TransportError:
+            result.transport_errors[endpoint] += 1
+            await asyncio.sleep(0.1)
+            continue
+        elapsed = time.perf_counter() - start
+        result.statuses[r.status_code] += 1
+        result.wrong_results += not ok
+        if r.status_code == 200:
+            result.latencies_ok.append(elapsed)
+        elif r.status_code == 429:
+            if not r.headers.get("retry-after", "").isdigit() or int(r.headers["retry-after"]) < 1:
+                result.missing_retry_after += 1
+            await asyncio.sleep(min(1.0, int(r.headers.get("retry-after", "1")) / 4))  # impatient: a quarter of Retry-After, at most 1 s
+
+
+async def run_phases(url: str, phases: list[Phase], pid: int | None = None, seed: int = 0,
+                     headers: dict[str, str] | None = None, filter_share: float = 0.1) -> list[PhaseResult]:
+    pool = texts()
+    results = []
+    limits = httpx.Limits(max_connections=max(p.clients for p in phases) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
+        for phase in phases:
+            result = PhaseResult(phase.name, phase.clients, phase.seconds)
+            deadline = time.monotonic() + phase.seconds
+
+            async def sample_rss(result: PhaseResult = result, deadline: float = deadline) -> None:
+                while time.monotonic() < deadline:
+                    value = rss_mb(pid)
+                    if value is not None:
+                        result.rss_mb.append(value)
+                    await asyncio.sleep(1.0)
+
+            rng = random.Random(seed + len(results))
+            await asyncio.gather(sample_rss(), *(_client(client, pool, deadline, result, random.Random(rng.random()), filter_share)
+                                                 for _ in range(phase.clients)))
+            results.append(result)
+    return results
+
+
+def default_phases(minutes: float) -> list[Phase]:
+    total = minutes * 60
+    return [Phase("warm-up", 0.1 * total, 8), Phase("at capacity", 0.3 * total, 4),
+            Phase("beyond capacity", 0.45 * total, 48), Phase("recovery", 0.15 * total, 2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--url", help="an already running server (default: start one with models/default)")
+    parser.add_argument("--pid", type=int, help="its pid, for resident memory")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("soak.json"))
+    args = parser.parse_args()
+    phases = default_phases(args.minutes)
+    if args.url:
+        results = asyncio.run(run_phases(args.url, phases, args.pid))
+    else:
+        import tempfile
+
+        from tests.server import start_server, stop_server
+
+        log = Path(tempfile.mkdtemp(prefix="saft-soak-")) / "server.log"
+        proc, url = start_server(SERVER_ENV, log)
+        try:
+            results = asyncio.run(run_phases(url, phases, proc.pid))
+        finally:
+            stop_server(proc)
+    summaries = [r.summary() for r in results]
+    warm_end = summaries[0]["rss_mb"]["end"] if summaries[0]["rss_mb"] else None
+    report = {"command": f"python -m bench.soak --minutes {args.minutes:g}", "server_env": SERVER_ENV, "phases": summaries,
+              "rss_growth_after_warm_up_mb": None if warm_end is None else round(summaries[-1]["rss_mb"]["end"] - warm_end, 1)}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

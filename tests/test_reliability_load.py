@@ -1,0 +1,41 @@
+"""A short, bounded version of bench/soak.py (about a minute): at and beyond capacity and back.
+
+The long soak (several minutes, figures in RELIABILITY.md) is ``python -m bench.soak``. Timings are
+measured there, never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.soak import SERVER_ENV, Phase, run_phases
+from tests.server import start_server, stop_server
+
+
+@pytest.mark.slow
+def test_overload_sheds_with_retry_after_and_recovers(tmp_path: Path) -> None:
+    proc, url = start_server(SERVER_ENV, tmp_path / "server.log")
+    try:
+        # warm-up with full batches, so the allocator has seen the largest ones before memory is compared
+        phases = [Phase("warm-up", 10, 8), Phase("beyond capacity", 20, 32), Phase("recovery", 10, 2)]
+        # /score only: under sustained overload a /filter stream waits for room without a bound (see RELIABILITY.md)
+        warm, over, recovery = asyncio.run(run_phases(url, phases, proc.pid, filter_share=0.0))
+        for phase in (warm, over, recovery):
+            summary = phase.summary()
+            assert not any(code >= 500 for code in phase.statuses), summary
+            assert set(phase.statuses) <= {200, 429}, summary
+            assert not phase.transport_errors and phase.wrong_results == 0, summary
+            assert phase.missing_retry_after == 0, summary  # every 429 says when to come back
+        assert over.statuses[429] > 0 and over.statuses[200] > 0, over.summary()  # load shed, not collapse
+        assert recovery.statuses[429] == 0 and recovery.statuses[200] > 0, recovery.summary()  # back to normal
+        assert httpx.get(f"{url}/readyz").json()["queue_depth"] == 0
+        growth = recovery.rss_mb[-1] - warm.rss_mb[-1]
+        print(f"RSS after warm-up {warm.rss_mb[-1]} MB, at the end {recovery.rss_mb[-1]} MB (growth {growth:+.1f} MB)")
+        print([p.summary() for p in (warm, over, recovery)])
+        assert growth < 200, (warm.rss_mb, over.rss_mb, recovery.rss_mb)  # generous: a leak per request would show
+    finally:
+        stop_server(proc)
