@@ -26,8 +26,9 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 RUN pip install . && saft --help >/dev/null
 # Convert the GGUF default once, at build time, so a container starts without the ~25 s conversion.
+# The conversion writes a 0700 directory (mkdtemp) as root: open it to the runtime user.
 ENV SAFT_MODEL_CACHE_DIR=/opt/saft/model-cache
-RUN saft model-cache --convert
+RUN saft model-cache --convert && chmod -R a+rX /opt/saft/model-cache
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG DEVICE=cpu

@@ -432,6 +432,8 @@ def test_dockerfile_runtime_contract() -> None:
     # The default model is converted at build time, into the cache dir the runtime reads.
     build_runs = " ".join(args for op, args in ops[: len(ops) - len(runtime)] if op == "RUN")
     assert "saft model-cache --convert" in build_runs and "convert" in _cli_commands()["model-cache"]
+    # Converted by root at build time, read by uid 10001 at run time (the conversion's directory is 0700).
+    assert "chmod -R a+rX /opt/saft/model-cache" in build_runs
     assert "/opt/saft/model-cache" in " ".join(a for op, a in ops if op == "ENV" and "SAFT_MODEL_CACHE_DIR" in a)
     assert env["SAFT_MODEL_CACHE_DIR"] == "/opt/saft/model-cache"
     # No secret is baked in: no token, password or key variable or argument.
