@@ -452,3 +452,13 @@ def test_dockerfile_pins_match_setup() -> None:
     assert re.search(r"ARG DEVICE=cpu", dockerfile)
     assert re.search(r"cpu\)\s+pip install torch==[\d.]+ --index-url https://download.pytorch.org/whl/cpu", dockerfile)
     assert re.search(r"cuda\)\s+pip install torch==[\d.]+ ;;", dockerfile)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_redis_keeps_the_registry_and_bounds_the_cache(overlay: str, tmp_path: Path) -> None:
+    """AOF keeps published versions across a restart; volatile-lru evicts only TTL'd keys (cached embeddings)."""
+    redis_k8s = _one(_render(overlay), "StatefulSet", "saft-redis")["spec"]["template"]["spec"]["containers"][0]
+    compose = yaml.safe_load(_compose_config(tmp_path, []).stdout)["services"]["redis"]
+    for args in (redis_k8s.get("args", []) + redis_k8s.get("command", []), compose["command"]):
+        joined = " ".join(args)
+        assert "--appendonly yes" in joined and "--maxmemory-policy volatile-lru" in joined and "--maxmemory " in joined
