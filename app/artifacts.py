@@ -157,13 +157,19 @@ def remove_stale_scratch(root: Path, name: str) -> list[str]:
     Call it at start, before this process writes: a leftover with this process's own pid is then a
     dead predecessor's (pids are reused, in containers often).
     """
-    base = root / check_name(name)
+    return remove_stale_scratch_in(root / check_name(name))
+
+
+def remove_stale_scratch_in(base: Path, purpose: str | None = None) -> list[str]:
+    """``remove_stale_scratch`` for any directory (e.g. refit uploads in the temp dir), optionally one purpose."""
     if not base.is_dir():
         return []
     removed = []
     for path in base.iterdir():
         match = SCRATCH_RE.fullmatch(path.name)
         if match is None or match["host"] != socket.gethostname():
+            continue
+        if purpose is not None and not path.name.startswith(f".{purpose}-"):
             continue
         pid = int(match["pid"])
         if pid != os.getpid() and _alive(pid):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from app import metrics
-from app.artifacts import ArtifactError, Manifest
+from app.artifacts import ArtifactError, Manifest, remove_stale_scratch_in
 from app.batching import BatchStats, MicroBatcher, QueueFull
 from app.cache import CachedEmbedding, EmbeddingCache, cache_key
 from app.config import Settings
@@ -45,6 +46,9 @@ class RegistryUnavailable(NotReady):
 
 class ItemTooLarge(ValueError):
     """An item longer than the configured character limit (refused, never cut silently)."""
+
+
+REFIT_UPLOAD = "refitupload"  # scratch purpose of refit uploads in the temp dir (see artifacts.scratch_prefix)
 
 
 def item_chars(item: Item) -> int:
@@ -121,6 +125,8 @@ class ScoringService:
     async def start(self) -> None:
         """TEI's order: (model loaded) → subspace → warm-up → batcher → ready."""
         self._loop = asyncio.get_running_loop()
+        # Refit uploads of a predecessor killed mid-refit (kill -9 skips every cleanup).
+        await asyncio.to_thread(remove_stale_scratch_in, Path(tempfile.gettempdir()), REFIT_UPLOAD)
         snapshot = await asyncio.to_thread(self.registry.load_active)
         if snapshot is not None:
             self._record_version(snapshot)

@@ -80,7 +80,9 @@ def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: E
     env = {"SAFT_MODELS_DIR": str(models), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_ADMIN_TOKEN": ADMIN, "TMPDIR": str(spool),
            "SAFT_MAX_BATCH_SIZE": "4"}
     before = tree_digest(models)
-    upload = "\n".join(json.dumps(r) for r in calibration_rows * 4).encode()  # long enough to be killed mid-way
+    # Long enough to be killed mid-way; distinct lines, or the embedding cache would make it quick.
+    distinct = [{**r, "prompt": f"{r['prompt']} ({i})", "text": f"{r['text']} ({i})"} for i in range(4) for r in calibration_rows]
+    upload = "\n".join(json.dumps(r) for r in distinct).encode()
 
     proc, url = start_server(env, tmp_path / "server.log")
     try:
@@ -99,6 +101,7 @@ def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: E
         stop_server(proc)
     # The previous version is intact, byte for byte, and nothing partial was left beside it.
     assert tree_digest(models) == before
+    assert len(list(spool.glob(".refitupload-*"))) == 1  # the killed refit's upload: no cleanup ran
     # A writer killed mid-write (by the kernel, at the file-size limit: no finally runs) leaves a temp dir...
     died = _write_with_limit(models, "apitest", 4096, die=True)
     assert died.returncode == -signal.SIGXFSZ, died.stderr
@@ -127,9 +130,9 @@ def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: E
     assert sorted(p.name for p in (models / "apitest").iterdir()) == ["ACTIVE", "v1", "v2"]
     assert {k: v for k, v in tree_digest(models).items() if k.startswith("apitest/v1")} == \
         {k: v for k, v in before.items() if k.startswith("apitest/v1")}
-    # The upload of the killed refit stays in TMPDIR (the killed process could not remove it); the
-    # finished one is gone. See RELIABILITY.md.
-    assert len(list(spool.glob("saft-refit-*"))) == 1
+    # The killed refit's upload was removed by the next start (named by its dead writer's pid); the
+    # finished refit removed its own.
+    assert list(spool.glob(".refitupload-*")) == []
 
 
 def test_disk_full_while_writing_is_a_clear_error_and_writes_nothing(tmp_path: Path, embedder: Embedder,

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
-from app.artifacts import ArtifactError, check_version
+from app.artifacts import ArtifactError, check_version, scratch_prefix
 from app.embedding import EmbeddingConfig
 from app.pipeline import FitOptions
 from app.quality import ThresholdPolicy
 from app.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
-from app.service import ScoringService
+from app.service import REFIT_UPLOAD, ScoringService
 from app.subspace import FitError
 
 router = APIRouter(prefix="/subspace", tags=["subspace"])
@@ -91,7 +91,7 @@ async def refit(
     )
     service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
     limit = service.settings.max_upload_bytes
-    fd, path = tempfile.mkstemp(prefix="saft-refit-", suffix=".jsonl")
+    fd, path = tempfile.mkstemp(prefix=scratch_prefix(REFIT_UPLOAD))  # named by pid: a start removes a killed one's
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
