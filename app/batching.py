@@ -19,6 +19,8 @@ import asyncio
 import itertools
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -96,6 +98,29 @@ def _set_exception(future: asyncio.Future[list[Any]], exc: BaseException) -> Non
         future.set_exception(exc)
 
 
+def _lower_other_threads(keep: int | None, nice: int) -> None:
+    """Run every thread of this process but ``keep`` (and the threads they start later) at ``nice``.
+
+    Why: on a CPU with as many cores as the model's compute threads, a forward pass is a series of
+    parallel regions that wait for their slowest thread; whenever request handling (the event loop,
+    tokenizing threads) takes a core, the whole pass stalls. At a lower priority that work fills the
+    gaps instead. The worker keeps its priority, and so do the compute threads it starts itself.
+    Raising nice needs no privilege, and it is never lowered back. Per-thread priorities are a
+    Linux feature (elsewhere PRIO_PROCESS with a thread id would renice the whole process): a no-op there.
+    """
+    if not sys.platform.startswith("linux"):
+        log.info("feeder_nice is a Linux feature; leaving thread priorities alone on %s", sys.platform)
+        return
+    for entry in os.listdir("/proc/self/task"):
+        tid = int(entry)
+        if tid == keep:
+            continue
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+        except (ProcessLookupError, PermissionError) as err:  # the thread ended meanwhile, or a sandbox forbids it
+            log.debug("could not lower thread %d's priority: %s", tid, err)
+
+
 def _post(call: _Call, fn: Callable[[asyncio.Future[list[Any]], Any], None], arg: Any) -> None:
     """Hand a result to the call's own loop; only that loop may touch its future."""
     try:
@@ -122,6 +147,7 @@ class MicroBatcher(Generic[P, R]):
         max_queue: int,
         name: str = "default",
         on_batch: Callable[[BatchStats], None] | None = None,
+        feeder_nice: int = 0,
     ) -> None:
         limits = {"max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size, "max_queue": max_queue}
         for field_name, value in limits.items():
@@ -129,6 +155,8 @@ class MicroBatcher(Generic[P, R]):
                 raise ValueError(f"{field_name} must be >= 1, got {value}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if not 0 <= feeder_nice <= 19:
+            raise ValueError(f"feeder_nice must be within 0..19, got {feeder_nice}")
         self._process = process
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -136,6 +164,7 @@ class MicroBatcher(Generic[P, R]):
         self.max_queue = max_queue
         self.name = name
         self._on_batch = on_batch
+        self.feeder_nice = feeder_nice
 
         self._cond = threading.Condition()
         # Waiting items by seq; dicts keep insertion order, so the first entry is the oldest.
@@ -157,6 +186,9 @@ class MicroBatcher(Generic[P, R]):
                 raise BatcherClosed(f"batcher {self.name!r} was stopped and cannot be restarted")
             self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.name}", daemon=True)
             self._thread.start()
+            worker_id = self._thread.native_id
+        if self.feeder_nice:
+            _lower_other_threads(worker_id, self.feeder_nice)
 
     async def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Refuse new work; with ``drain`` finish what is queued, else fail it with ``BatcherClosed``.

@@ -18,6 +18,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+#: (max_batch_tokens, max_batch_size) by device type, for settings left unset.
+BATCH_DEFAULTS = {"cpu": (1024, 4), "cuda": (16384, 128)}
+
+
 class Settings(BaseSettings):
     """Service and CLI settings; every field maps to ``SAFT_<FIELD>`` in the environment."""
 
@@ -44,8 +48,15 @@ class Settings(BaseSettings):
     subspace_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
     # --- batching in the core ------------------------------------------------------------------
-    max_batch_tokens: int = Field(8192, ge=1, description="Padded-token budget of one forward pass.")
-    max_batch_size: int = Field(32, ge=1, description="Items per forward pass at most.")
+    # Defaults by device: a CPU pass is fastest with a few items (big padded batches fall out of
+    # cache), a GPU needs big ones to fill; `python -m bench.run core` measures it (BENCHMARKS.md).
+    max_batch_tokens: int = Field(
+        BATCH_DEFAULTS["cpu"][0], ge=1,
+        description=f"Padded-token budget of one forward pass; unset on CUDA: {BATCH_DEFAULTS['cuda'][0]}.",
+    )
+    max_batch_size: int = Field(
+        BATCH_DEFAULTS["cpu"][1], ge=1, description=f"Items per forward pass at most; unset on CUDA: {BATCH_DEFAULTS['cuda'][1]}."
+    )
 
     # --- service ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -56,6 +67,10 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(None, description="Bearer token for /subspace writes; unset = writes refused.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long a partial batch waits for more items.")
+    feeder_nice: int = Field(
+        10, ge=0, le=19, description="Linux: the service's threads other than the inference worker (event loop, tokenizing) "
+        "run at this nice, so request handling does not stall a CPU forward pass; 0 leaves priorities alone."
+    )
     max_queue: int = Field(4096, ge=1, description="Queued items before /score answers 429.")
     max_items_per_request: int = Field(1024, ge=1)
     max_chars_per_item: int = Field(200_000, ge=1, description="Longer items are refused (413), not cut.")
@@ -85,6 +100,18 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(256 * 2**20, ge=0, description="In-process cache bound in bytes; 0 turns the cache off.")
     cache_ttl_s: int = Field(86400, ge=1, description="Lifetime of a cached embedding (both tiers).")
     cache_redis: bool = Field(True, description="Share cached embeddings through Redis when SAFT_REDIS_URL is set.")
+
+    @model_validator(mode="after")
+    def _batch_limits_by_device(self) -> Settings:
+        unset = {"max_batch_tokens", "max_batch_size"} - self.model_fields_set
+        if unset and self.device != "cpu":
+            import torch  # only here: whether "auto" means CUDA needs it, and nothing else in this module does
+
+            if self.device == "cuda" or torch.cuda.is_available():
+                tokens, size = BATCH_DEFAULTS["cuda"]
+                self.max_batch_tokens = tokens if "max_batch_tokens" in unset else self.max_batch_tokens
+                self.max_batch_size = size if "max_batch_size" in unset else self.max_batch_size
+        return self
 
     @model_validator(mode="after")
     def _limits_fit_the_queue(self) -> Settings:

@@ -112,6 +112,7 @@ class ScoringService:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue=settings.max_queue,
             on_batch=self._on_batch,
+            feeder_nice=settings.feeder_nice,
         )
         self._refit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

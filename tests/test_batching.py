@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -394,3 +396,38 @@ def test_submit_before_start_is_a_clear_error() -> None:
     batcher: MicroBatcher[int, int] = MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4)
     with pytest.raises(RuntimeError, match="start"):
         run(batcher.submit([1], [1]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
+def test_feeder_nice_lowers_every_thread_but_the_worker() -> None:
+    # In a child process: priorities only ever go down, and pytest's own threads must keep theirs.
+    code = """
+import asyncio, os, threading
+from app.batching import MicroBatcher
+
+def prio():
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+async def main():
+    b = MicroBatcher(lambda ps: [prio() for _ in ps], max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4,
+                     feeder_nice=15)
+    before = prio()
+    b.start()
+    worker = await b.submit([1], [1])
+    spawned = []
+    t = threading.Thread(target=lambda: spawned.append(prio()))
+    t.start(); t.join()
+    await b.stop()
+    print(before, prio(), worker[0], spawned[0])
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    before, loop_after, worker, spawned_by_loop = map(int, out.stdout.split())
+    lowered = max(15, before)  # a nice that is already higher (a niced test run) is kept
+    assert (loop_after, worker, spawned_by_loop) == (lowered, before, lowered)
+
+
+def test_feeder_nice_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="feeder_nice"):
+        MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4, feeder_nice=20)
