@@ -212,6 +212,21 @@ class MicroBatcher(Generic[P, R]):
                 self._cond.notify_all()
             raise TimeoutError(f"batcher {self.name!r}: worker still busy after stop timeout_s={timeout_s}")
 
+    def check_room(self, n: int) -> None:
+        """Raise ``QueueFull`` now if ``n`` items would not fit, so a caller refuses before costly work
+        (tokenizing); ``submit`` checks again, since the queue may fill in between."""
+        with self._cond:
+            self._check_room_locked(n)
+
+    def _check_room_locked(self, n: int) -> None:
+        depth = len(self._waiting)
+        if depth + n > self.max_queue:
+            retry = self._retry_after(depth + n - self.max_queue)
+            raise QueueFull(
+                f"batcher {self.name!r}: {depth} items waiting + {n} new exceed max_queue={self.max_queue}; retry in {retry:.0f} s",
+                retry,
+            )
+
     @property
     def queue_depth(self) -> int:
         """Items waiting for a batch (not those already running)."""
@@ -245,14 +260,7 @@ class MicroBatcher(Generic[P, R]):
                 raise BatcherClosed(f"batcher {self.name!r} is stopping; no new work is accepted")
             if self._thread is None:
                 raise RuntimeError(f"batcher {self.name!r}: call start() before submit()")
-            depth = len(self._waiting)
-            if depth + n > self.max_queue:
-                retry = self._retry_after(depth + n - self.max_queue)
-                raise QueueFull(
-                    f"batcher {self.name!r}: {depth} items waiting + {n} new exceed max_queue={self.max_queue}; "
-                    f"retry in {retry:.0f} s",
-                    retry,
-                )
+            self._check_room_locked(n)
             now = time.monotonic()
             by_key = self._by_key.setdefault(key, {})
             for i, (payload, cost) in enumerate(zip(payloads, costs)):

@@ -208,6 +208,11 @@ class ScoringService:
         metrics.CACHE_MISSES.inc(len(todo))
         fresh: dict[str, CachedEmbedding] = {}
         if todo:
+            try:
+                self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
+            except QueueFull:
+                metrics.QUEUE_FULL.inc()
+                raise
             encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
             metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
             try:

@@ -222,6 +222,9 @@ def test_queue_full_refuses_the_whole_call_and_recovers() -> None:
         assert info.value.retry_after_s >= 1
         assert "max_queue=10" in str(info.value)
         assert batcher.queue_depth == 8  # nothing of the refused call was enqueued
+        batcher.check_room(2)  # the same verdict, asked before any costly work: 2 still fit, 3 do not
+        with pytest.raises(QueueFull, match="8 items waiting \\+ 3 new"):
+            batcher.check_room(3)
         with pytest.raises(ValueError, match="max_queue=10"):
             await batcher.submit(list(range(11)), [1] * 11)  # could never fit: not a retry case
         assert batcher.queue_depth == 8
