@@ -148,6 +148,7 @@ class MicroBatcher(Generic[P, R]):
         name: str = "default",
         on_batch: Callable[[BatchStats], None] | None = None,
         feeder_nice: int = 0,
+        max_padding: float = 1.0,
     ) -> None:
         limits = {"max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size, "max_queue": max_queue}
         for field_name, value in limits.items():
@@ -155,6 +156,8 @@ class MicroBatcher(Generic[P, R]):
                 raise ValueError(f"{field_name} must be >= 1, got {value}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if not 0 <= max_padding <= 1:
+            raise ValueError(f"max_padding must be within 0..1, got {max_padding}")
         if not 0 <= feeder_nice <= 19:
             raise ValueError(f"feeder_nice must be within 0..19, got {feeder_nice}")
         self._process = process
@@ -165,6 +168,7 @@ class MicroBatcher(Generic[P, R]):
         self.name = name
         self._on_batch = on_batch
         self.feeder_nice = feeder_nice
+        self.max_padding = max_padding
 
         self._cond = threading.Condition()
         # Waiting items by seq; dicts keep insertion order, so the first entry is the oldest.
@@ -310,25 +314,35 @@ class MicroBatcher(Generic[P, R]):
         self._by_key.clear()
 
     def _form(self, anchor: _Item) -> tuple[list[_Item], bool]:
-        """The batch around ``anchor``: same key, nearest in cost, within size and token budget.
+        """The batch around ``anchor``: same key, nearest in cost, within size, token budget and padding.
 
         Sorting by cost and growing a window around the anchor keeps short and long texts apart, so
-        padding stays small. Returns the batch and whether it is full (no further item could join).
+        padding stays small; ``max_padding`` caps the share of the padded tokens that are padding
+        (on a CPU a padded token costs as much as a real one, and batching gains less than that).
+        Returns the batch and whether it is full (no further item could join by size or budget).
         """
         items = sorted(self._by_key[anchor.key].values(), key=lambda it: (it.cost, it.seq))
         at = next(i for i, it in enumerate(items) if it is anchor)
         lo = hi = at
+        real = anchor.cost
+
+        def fits(width: int, size: int, real_tokens: int) -> bool:
+            padded = width * size
+            return padded <= self.max_batch_tokens and padded - real_tokens <= self.max_padding * padded
+
         while hi - lo + 1 < self.max_batch_size:
             grown = hi - lo + 2
             # Sorted by cost, so items[hi] is the batch's max cost: a left neighbour keeps it, a right one raises it.
-            left = items[lo - 1] if lo > 0 and items[hi].cost * grown <= self.max_batch_tokens else None
-            right = items[hi + 1] if hi + 1 < len(items) and items[hi + 1].cost * grown <= self.max_batch_tokens else None
+            left = items[lo - 1] if lo > 0 and fits(items[hi].cost, grown, real + items[lo - 1].cost) else None
+            right = items[hi + 1] if hi + 1 < len(items) and fits(items[hi + 1].cost, grown, real + items[hi + 1].cost) else None
             if left is None and right is None:
                 break
             if right is None or (left is not None and anchor.cost - left.cost <= right.cost - anchor.cost):
                 lo -= 1
+                real += left.cost  # type: ignore[union-attr]
             else:
                 hi += 1
+                real += right.cost
         size = hi - lo + 1
         full = size >= self.max_batch_size or items[hi].cost * (size + 1) > self.max_batch_tokens
         return items[lo : hi + 1], full

@@ -18,8 +18,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-#: (max_batch_tokens, max_batch_size) by device type, for settings left unset.
-BATCH_DEFAULTS = {"cpu": (1024, 4), "cuda": (16384, 128)}
+#: Batch settings by device type, for those left unset.
+BATCH_DEFAULTS: dict[str, dict[str, float]] = {
+    "cpu": {"max_batch_tokens": 1024, "max_batch_size": 4, "max_batch_padding": 0.25},
+    "cuda": {"max_batch_tokens": 16384, "max_batch_size": 128, "max_batch_padding": 1.0},
+}
 
 
 class Settings(BaseSettings):
@@ -51,11 +54,17 @@ class Settings(BaseSettings):
     # Defaults by device: a CPU pass is fastest with a few items (big padded batches fall out of
     # cache), a GPU needs big ones to fill; `python -m bench.run core` measures it (BENCHMARKS.md).
     max_batch_tokens: int = Field(
-        BATCH_DEFAULTS["cpu"][0], ge=1,
-        description=f"Padded-token budget of one forward pass; unset on CUDA: {BATCH_DEFAULTS['cuda'][0]}.",
+        int(BATCH_DEFAULTS["cpu"]["max_batch_tokens"]), ge=1,
+        description=f"Padded-token budget of one forward pass; unset on CUDA: {BATCH_DEFAULTS['cuda']['max_batch_tokens']}.",
     )
     max_batch_size: int = Field(
-        BATCH_DEFAULTS["cpu"][1], ge=1, description=f"Items per forward pass at most; unset on CUDA: {BATCH_DEFAULTS['cuda'][1]}."
+        int(BATCH_DEFAULTS["cpu"]["max_batch_size"]), ge=1,
+        description=f"Items per forward pass at most; unset on CUDA: {BATCH_DEFAULTS['cuda']['max_batch_size']}.",
+    )
+    max_batch_padding: float = Field(
+        BATCH_DEFAULTS["cpu"]["max_batch_padding"], ge=0, le=1,
+        description="Service batches: the share of a pass's padded tokens that may be padding (a padded token costs a "
+        f"CPU as much as a real one); unset on CUDA: {BATCH_DEFAULTS['cuda']['max_batch_padding']} (no cap).",
     )
 
     # --- service ------------------------------------------------------------------------------
@@ -103,14 +112,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_limits_by_device(self) -> Settings:
-        unset = {"max_batch_tokens", "max_batch_size"} - self.model_fields_set
+        unset = BATCH_DEFAULTS["cuda"].keys() - self.model_fields_set
         if unset and self.device != "cpu":
             import torch  # only here: whether "auto" means CUDA needs it, and nothing else in this module does
 
             if self.device == "cuda" or torch.cuda.is_available():
-                tokens, size = BATCH_DEFAULTS["cuda"]
-                self.max_batch_tokens = tokens if "max_batch_tokens" in unset else self.max_batch_tokens
-                self.max_batch_size = size if "max_batch_size" in unset else self.max_batch_size
+                for name in unset:
+                    setattr(self, name, type(getattr(self, name))(BATCH_DEFAULTS["cuda"][name]))
         return self
 
     @model_validator(mode="after")

@@ -113,6 +113,7 @@ class ScoringService:
             max_queue=settings.max_queue,
             on_batch=self._on_batch,
             feeder_nice=settings.feeder_nice,
+            max_padding=settings.max_batch_padding,
         )
         self._refit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -205,6 +205,32 @@ def test_short_and_long_items_are_bucketed_apart() -> None:
     assert batches[0][0].cost == 5  # the oldest item (a short one) went first
 
 
+def test_max_padding_keeps_lengths_that_would_mostly_pad_apart() -> None:
+    # Costs 10, 12, 30, 31, 100: under a 25% padding cap, 10+12 (pad 2/24) and 30+31 (1/62) may share a
+    # pass, 12+30 (pad 18/60) may not, and 100 runs alone, although size and token budget allow one batch.
+    costs = [10, 30, 100, 12, 31]
+    payloads = [Tok(i, c) for i, c in enumerate(costs)]
+    model = FakeModel(fn=lambda p: p.ident)
+
+    async def main() -> list[int]:
+        batcher = make(model, max_batch_tokens=10_000, max_batch_size=8, max_padding=0.25)
+        blocker = await block_worker(batcher, model, Tok(-1, 1))
+        task = asyncio.create_task(batcher.submit(payloads, costs))
+        await wait_until(lambda: batcher.queue_depth == len(costs))
+        model.gate.set()
+        out = await task
+        await blocker
+        await batcher.stop()
+        return out
+
+    assert run(main()) == list(range(5))
+    batches = sorted(sorted(t.cost for t in b) for b in model.batches[1:])
+    assert batches == [[10, 12], [30, 31], [100]]
+    for batch in model.batches[1:]:
+        padded = max(t.cost for t in batch) * len(batch)
+        assert padded - sum(t.cost for t in batch) <= 0.25 * padded
+
+
 # ---- 5. back-pressure -----------------------------------------------------------------------------
 
 
@@ -431,6 +457,8 @@ asyncio.run(main())
     assert (loop_after, worker, spawned_by_loop) == (lowered, before, lowered)
 
 
-def test_feeder_nice_out_of_range_is_refused() -> None:
+def test_feeder_nice_and_max_padding_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="feeder_nice"):
         MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4, feeder_nice=20)
+    with pytest.raises(ValueError, match="max_padding"):
+        MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4, max_padding=1.5)
