@@ -49,7 +49,8 @@ def test_core_benchmark_smoke(tmp_path: Path) -> None:
     assert [r["max_batch_tokens"] for r in data["by_token_budget"]] == [64]
     assert data["matmul_gflops"] > 0 and data["blocks_run"] == 2
     for r in data["by_batch_size"] + data["by_token_budget"]:
-        assert r["fraction_of_matmul"] == pytest.approx(r["gflops"] / data["matmul_gflops"], abs=0.002)
+        # Both sides are rounded (GFLOP/s to 0.1, the fraction to 0.001).
+        assert r["fraction_of_matmul"] == pytest.approx(r["gflops"] / data["matmul_gflops"], abs=0.06 / data["matmul_gflops"] + 0.001)
     shares = data["op_time_shares"]
     assert shares["matmul"] > 0 and shares["matmul"] + shares["attention"] + shares["other"] == pytest.approx(1, abs=0.005)
 
