@@ -151,7 +151,6 @@ class Fleet:
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
-        self._fenced = self.redis.register_script(_FENCE_CHECK)
 
     def _file_key(self, version: str, file: str) -> str:
         return f"{self._version_prefix}{version}:{file}"
@@ -206,7 +205,7 @@ class Fleet:
     async def set_active(self, version: str) -> None:
         """Roll back or forward: the pointer moves and every replica is told at once."""
         if version not in await self.versions():
-            raise KeyError(version)
+            raise KeyError(f"subspace {self.name!r} has no published version {version!r}")
 
         async def move() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:

@@ -279,9 +279,9 @@ class ScoringService:
         fleet = self._require_fleet()
         if fleet is not None:
             try:
-                if version not in await fleet.versions():
-                    raise ArtifactError(f"subspace {self.registry.name!r} has no published version {version!r}")
                 await fleet.set_active(version)
+            except KeyError as err:
+                raise ArtifactError(err.args[0]) from None
             except FleetUnavailable as err:
                 raise RegistryUnavailable(str(err)) from None
         return await self._adopt(version)

@@ -45,6 +45,9 @@ def test_publish_is_atomic_immutable_and_announced(redis_server: RedisServer) ->
         assert await b.versions() == ["v4"] and await b.active() == "v4"
         assert await b.fetch("v4") == files("x")
         assert await b.fetch("v5") is None
+        with pytest.raises(KeyError, match="no published version 'v5'"):
+            await b.set_active("v5")  # only a published version can become active
+        assert await b.active() == "v4"
         await a.publish(lease, version, files("x"), activate=True)  # a retried publication is harmless
         with pytest.raises(VersionConflict):
             await a.publish(lease, version, files("other"), activate=False)
