@@ -16,13 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 from app.embedding import EMBEDDED_ENCODER
@@ -58,25 +56,10 @@ def fit_encoder_subspace(models_dir: Path, lines: int) -> dict[str, Any]:
     return json.loads(done.stdout[done.stdout.index("{"):])
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"peer not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 @contextmanager
 def infinity_server(venv: Path, batch_size: int, log_dir: Path) -> Iterator[str]:
     """``infinity_emb v2`` on loopback, offline, CPU, fp32, the encoder from its local directory."""
-    from tests.server import free_port
+    from tests.server import free_port, stop_server, wait_healthy
 
     exe = venv / "bin" / "infinity_emb"
     if not exe.is_file():
@@ -92,15 +75,10 @@ def infinity_server(venv: Path, batch_size: int, log_dir: Path) -> Iterator[str]
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, proc, log, 600)
+            wait_healthy(proc, f"{url}/health", log, 600)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
 
 
 def _infinity_body(text: str) -> dict[str, Any]:

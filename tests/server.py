@@ -28,18 +28,27 @@ def start_server(env: dict[str, str], log_path: Path, timeout_s: float = 180.0) 
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, f"{url}/healthz", log_path, timeout_s)
+    except RuntimeError:
+        stop_server(proc)
+        raise
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], health_url: str, log_path: Path, timeout_s: float) -> None:
+    """Wait until ``health_url`` answers 200; fail with the log's tail if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{health_url}: server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(health_url, timeout=1).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"server not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{health_url}: server not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.3)
 
 
