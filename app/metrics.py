@@ -25,6 +25,6 @@ REJECTED_LINES = Counter("saft_rejected_lines_total", "Invalid /filter lines ans
 QUEUE_FULL = Counter("saft_queue_full_total", "Requests answered 429 because the queue was full.")
 ACTIVE_VERSION = Gauge("saft_active_subspace_version", "Active subspace version number (vN → N).", ["name"])
 REFITS = Counter("saft_refits_total", "Refit jobs by outcome.", ["outcome"])
-CACHE_HITS = Counter("saft_cache_hits_total", "Items not embedded again: found locally, in Redis, or earlier in the same request.", ["tier"])
+CACHE_HITS = Counter("saft_cache_hits_total", "Items not embedded again: found locally, in Redis, earlier in the same request, or in flight for another request.", ["tier"])
 CACHE_MISSES = Counter("saft_cache_misses_total", "Distinct items embedded by the model.")
 FLEET_ONLINE = Gauge("saft_redis_connected", "1 while Redis (fleet state, shared cache) is reachable, 0 when degraded.")

@@ -103,6 +103,7 @@ class ScoringService:
                                     prefix=settings.redis_prefix)
         self.cache.redis_online = False
         self._pending_jobs: dict[str, dict[str, Any]] = {}  # job states not yet in Redis (written during an outage)
+        self._inflight: dict[str, asyncio.Future[CachedEmbedding | None]] = {}  # cache key → its embedding in progress
         self._adopt_lock = asyncio.Lock()
         self._fleet_task: asyncio.Task[None] | None = None
         self.batcher: MicroBatcher[Encoded, np.ndarray] = MicroBatcher(
@@ -194,40 +195,75 @@ class ScoringService:
 
     async def embed(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
         """Embed items, each distinct input once: cached ones (local, then Redis) are not run again,
-        duplicates within the call share one forward pass; the rest wait for the shared inference worker."""
-        start = time.perf_counter()
+        duplicates within the call share one forward pass, and an input another request is already
+        embedding is awaited rather than run twice; the rest wait for the shared inference worker."""
         texts, response_chars, keys = await asyncio.to_thread(self._format_and_key, items, config)
         cached, local_hits, redis_hits = await self.cache.get_many(keys)
         first: dict[str, int] = {}  # key → index of its first uncached occurrence
         for i, (key, entry) in enumerate(zip(keys, cached, strict=True)):
             if entry is None and key not in first:
                 first[key] = i
-        todo = list(first.values())
+        sharing = self.cache.enabled  # with the cache off, requests share nothing
+        awaited = {key: self._inflight[key] for key in first if key in self._inflight} if sharing else {}
+        own = [i for key, i in first.items() if key not in awaited]
         metrics.CACHE_HITS.labels("local").inc(local_hits)
         metrics.CACHE_HITS.labels("redis").inc(redis_hits)
-        metrics.CACHE_HITS.labels("request").inc(len(items) - local_hits - redis_hits - len(todo))
-        metrics.CACHE_MISSES.inc(len(todo))
-        fresh: dict[str, CachedEmbedding] = {}
-        if todo:
-            try:
-                self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
-            except QueueFull:
-                metrics.QUEUE_FULL.inc()
-                raise
-            encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
-            metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
-            try:
-                rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config)
-            except QueueFull:
-                metrics.QUEUE_FULL.inc()
-                raise
-            finally:
-                metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
-            fresh = {keys[i]: CachedEmbedding(row, e.n_tokens, e.truncated) for i, e, row in zip(todo, encoded, rows, strict=True)}
-            await self.cache.put_many(fresh)
+        metrics.CACHE_HITS.labels("request").inc(len(items) - local_hits - redis_hits - len(first))
+        metrics.CACHE_HITS.labels("inflight").inc(len(awaited))
+        metrics.CACHE_MISSES.inc(len(own))
+        embed_own = self._embed_owned if sharing else self._embed_uncached
+        fresh = await embed_own(own, texts, response_chars, keys, config)
+        if awaited:
+            shared = await asyncio.gather(*(asyncio.shield(f) for f in awaited.values()))
+            fresh.update((key, entry) for key, entry in zip(awaited, shared, strict=True) if entry is not None)
+            abandoned = [first[key] for key in awaited if key not in fresh]  # their request failed or left: run them here
+            metrics.CACHE_MISSES.inc(len(abandoned))
+            fresh.update(await self._embed_uncached(abandoned, texts, response_chars, keys, config))
         entries = [entry if entry is not None else fresh[key] for key, entry in zip(keys, cached, strict=True)]
         out = [Encoded((), e.n_tokens, e.truncated) for e in entries]
         return out, np.stack([e.vector for e in entries]) if entries else np.empty((0, self.embedder.dim(config)), np.float32)
+
+    async def _embed_owned(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
+                           config: EmbeddingConfig) -> dict[str, CachedEmbedding]:
+        """Embed items no other request is embedding, announcing each so concurrent duplicates wait for it.
+
+        Waiters get None when this request fails or is cancelled, and then embed the item themselves."""
+        loop = asyncio.get_running_loop()
+        announced: dict[str, asyncio.Future[CachedEmbedding | None]] = {keys[i]: loop.create_future() for i in todo}
+        self._inflight.update(announced)
+        fresh: dict[str, CachedEmbedding] = {}
+        try:
+            fresh = await self._embed_uncached(todo, texts, response_chars, keys, config)
+        finally:
+            for key, future in announced.items():
+                future.set_result(fresh.get(key))
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+        return fresh
+
+    async def _embed_uncached(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
+                              config: EmbeddingConfig) -> dict[str, CachedEmbedding]:
+        """Tokenize and run items through the batcher, then cache them."""
+        if not todo:
+            return {}
+        start = time.perf_counter()
+        try:
+            self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
+        except QueueFull:
+            metrics.QUEUE_FULL.inc()
+            raise
+        encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
+        metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
+        try:
+            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config)
+        except QueueFull:
+            metrics.QUEUE_FULL.inc()
+            raise
+        finally:
+            metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+        fresh = {keys[i]: CachedEmbedding(row, e.n_tokens, e.truncated) for i, e, row in zip(todo, encoded, rows, strict=True)}
+        await self.cache.put_many(fresh)
+        return fresh
 
     async def score(self, items: Sequence[Item], snapshot: ActiveSubspace, threshold: float | None) -> list[Scored]:
         """Score items with one snapshot (one version for the whole request)."""
