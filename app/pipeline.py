@@ -74,13 +74,18 @@ def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+# The embedding a fit uses unless told otherwise (CLI and refit API take their defaults from it): layer 20's
+# mean state over at most 512 tokens, keeping the end of longer items — 256 cut the response of too many pairs.
+DEFAULT_FIT_EMBEDDING = EmbeddingConfig(layers=(20,), pooling="mean", template="chat", max_length=512, truncation_side="left")
+
+
 @dataclass
 class FitOptions:
     """What a fit may vary. The defaults reproduce the committed default subspace (see docs/QUALITY.md):
     with labels, a shrinkage discriminant on layer 20's mean state, centered per kind, τ at 5% FPR;
     without labels, the paper's SAFT score on the same embedding, τ dropping the top 10%."""
 
-    embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(layers=(20,), pooling="mean"))
+    embedding: EmbeddingConfig = DEFAULT_FIT_EMBEDDING
     method: str = "auto"  # "auto": "lda" when the calibration set is labelled, else "saft"
     k: int = 1
     center: str = "kind"

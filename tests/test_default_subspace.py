@@ -8,13 +8,17 @@ from app.artifacts import check_compatible, load_version
 from app.config import PROJECT_ROOT
 from app.embedding import Embedder
 from app.items import parse_item
-from app.pipeline import direct_embed, score_encoded
+from app.pipeline import FitOptions, direct_embed, score_encoded
 
 
 def test_default_subspace_is_compatible_and_detects_harm(embedder: Embedder, dev_rows: list[dict]) -> None:
     subspace, manifest = load_version(PROJECT_ROOT / "models", "default")
     check_compatible(manifest, embedder)  # the committed artifact matches the converted weights
     assert manifest.method == "lda" and manifest.calibration["n_samples"] == 5392
+    defaults = FitOptions()  # the committed default is what `saft fit calibration.jsonl` gives without options
+    assert manifest.embedding == defaults.embedding and manifest.embedding.max_length == 512
+    assert (manifest.k, manifest.center, manifest.standardize, manifest.shrinkage) == \
+        (defaults.k, defaults.center, defaults.standardize, defaults.shrinkage)
     items = [parse_item(r) for r in dev_rows]
     encoded, vectors = direct_embed(embedder)(items, manifest.embedding)
     scores = np.array([s.score for s in score_encoded(subspace, manifest, items, encoded, vectors)])

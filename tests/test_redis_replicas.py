@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -21,22 +20,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import PROJECT_ROOT
-from tests.conftest import write_jsonl
+from tests.conftest import install_default_v1, write_jsonl
 from tests.redis_server import RedisServer
 from tests.server import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-REFIT = "/subspace/refit?layers=20&pooling=mean&policy=fpr:0.1"
+REFIT = "/subspace/refit?layers=20&pooling=mean&max_length=256&policy=fpr:0.1"
 
 
 class Replica:
     def __init__(self, name: str, tmp: Path, redis_url: str) -> None:
         self.name = name
         self.models = tmp / name / "models"
-        shutil.copytree(PROJECT_ROOT / "models" / "default", self.models / "default")
+        install_default_v1(self.models)
         self.log = tmp / f"{name}.log"
         self.env = {"SAFT_REDIS_URL": redis_url, "SAFT_MODELS_DIR": str(self.models), "SAFT_ADMIN_TOKEN": "admin-secret",
                     "SAFT_REPLICA_ID": name, "SAFT_REFIT_LOCK_TTL_S": "3", "SAFT_REDIS_POLL_S": "0.5",

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
-from app.config import PROJECT_ROOT, Settings
+from app.config import Settings
 from app.embedding import Embedder
 from app.items import parse_item
 from app.service import RegistryUnavailable, ScoringService
+from tests.conftest import install_default_v1
 from tests.redis_server import RedisServer
 
 
 def test_starts_degraded_without_redis_and_joins_when_it_appears(embedder: Embedder, tmp_path: Path) -> None:
     models = tmp_path / "models"
-    shutil.copytree(PROJECT_ROOT / "models" / "default", models / "default")
+    install_default_v1(models)
     redis = RedisServer(tmp_path / "redis")  # not started yet: its port refuses connections
     settings = Settings(redis_url=redis.url, models_dir=models, redis_poll_s=0.2, redis_timeout_s=0.5, replica_id="solo")
     service = ScoringService(settings, embedder)

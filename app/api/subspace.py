@@ -13,7 +13,7 @@ from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
 from app.artifacts import ArtifactError, check_version, scratch_prefix
 from app.embedding import EmbeddingConfig
-from app.pipeline import FitOptions
+from app.pipeline import DEFAULT_FIT_EMBEDDING, FitOptions
 from app.quality import ThresholdPolicy
 from app.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
 from app.service import REFIT_UPLOAD, ScoringService
@@ -70,11 +70,11 @@ async def activate(version: str, service: ScoringService = Depends(get_service))
 )
 async def refit(
     request: Request,
-    layers: str = Query("20", description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
-    pooling: Literal["last", "mean", "response"] = "mean",
-    template: Literal["chat", "plain"] = "chat",
-    max_length: int = Query(256, ge=8, le=32768),
-    truncation_side: Literal["left", "right"] = "left",
+    layers: str = Query(",".join(map(str, DEFAULT_FIT_EMBEDDING.layers)), description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
+    pooling: Literal["last", "mean", "response"] = DEFAULT_FIT_EMBEDDING.pooling,
+    template: Literal["chat", "plain"] = DEFAULT_FIT_EMBEDDING.template,
+    max_length: int = Query(DEFAULT_FIT_EMBEDDING.max_length, ge=8, le=32768),
+    truncation_side: Literal["left", "right"] = DEFAULT_FIT_EMBEDDING.truncation_side,
     method: Literal["auto", "saft", "lda"] = Query("auto", description="auto: lda when the upload is labelled, else saft"),
     k: int = Query(1, ge=1, le=4096),
     center: Literal["global", "kind"] = "kind",
