@@ -16,6 +16,7 @@ awaits; the batcher decides what runs together.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import math
@@ -87,13 +88,23 @@ class _Item:
     index: int  # position in the call's payloads, hence in its results
 
 
-def _set_result(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
+@dataclass(eq=False, slots=True)
+class _Admission:
+    """A ``submit(wait=True)`` standing in line for room in the queue; granted room is reserved for it."""
+
+    n: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    granted: bool = False
+
+
+def _set_result(future: asyncio.Future[Any], results: Any) -> None:
     # The awaiting task may have been cancelled meanwhile; a cancelled future takes no result.
     if not future.done():
         future.set_result(results)
 
 
-def _set_exception(future: asyncio.Future[list[Any]], exc: BaseException) -> None:
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
 
@@ -121,7 +132,7 @@ def _lower_other_threads(keep: int | None, nice: int) -> None:
             log.debug("could not lower thread %d's priority: %s", tid, err)
 
 
-def _post(call: _Call, fn: Callable[[asyncio.Future[list[Any]], Any], None], arg: Any) -> None:
+def _post(call: _Call | _Admission, fn: Callable[[asyncio.Future[Any], Any], None], arg: Any) -> None:
     """Hand a result to the call's own loop; only that loop may touch its future."""
     try:
         call.loop.call_soon_threadsafe(fn, call.future, arg)
@@ -178,6 +189,11 @@ class MicroBatcher(Generic[P, R]):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._items_per_s: float | None = None  # throughput while busy, for Retry-After
+        # Callers that wait for room (``submit(wait=True)``), first come first served, and the room
+        # granted to them but not yet filled. While anyone is in line, callers that do not wait are
+        # refused: otherwise a stream of small calls takes every freed slot and a large one starves.
+        self._line: collections.deque[_Admission] = collections.deque()
+        self._reserved = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -223,11 +239,14 @@ class MicroBatcher(Generic[P, R]):
             self._check_room_locked(n)
 
     def _check_room_locked(self, n: int) -> None:
-        depth = len(self._waiting)
-        if depth + n > self.max_queue:
-            retry = self._retry_after(depth + n - self.max_queue)
+        depth = len(self._waiting) + self._reserved
+        in_line = sum(a.n for a in self._line)
+        if depth + in_line + n > self.max_queue or self._line:
+            retry = self._retry_after(depth + in_line + n - self.max_queue)
+            ahead = f" ({len(self._line)} calls of {in_line} items waiting for room first)" if self._line else ""
             raise QueueFull(
-                f"batcher {self.name!r}: {depth} items waiting + {n} new exceed max_queue={self.max_queue}; retry in {retry:.0f} s",
+                f"batcher {self.name!r}: {depth} items waiting + {n} new exceed max_queue={self.max_queue}{ahead}; "
+                f"retry in {retry:.0f} s",
                 retry,
             )
 
@@ -239,13 +258,15 @@ class MicroBatcher(Generic[P, R]):
 
     # ---- the event-loop side ---------------------------------------------------------------------
 
-    async def submit(self, payloads: Sequence[P], costs: Sequence[int], key: Hashable = None) -> list[R]:
+    async def submit(self, payloads: Sequence[P], costs: Sequence[int], key: Hashable = None, *, wait: bool = False) -> list[R]:
         """Queue ``payloads`` (all or none) and return their results in order.
 
         ``costs[i]`` is payload i's token count; ``key`` groups payloads that may share a batch.
-        Raises ``QueueFull`` when the queue cannot take all of them now, ``ValueError`` when the call
-        alone exceeds ``max_queue`` (no wait would help: split it), ``BatcherClosed`` once stopping.
-        Cancelling the awaiting task withdraws the items still waiting.
+        Raises ``QueueFull`` when the queue cannot take all of them now — unless ``wait``: then the
+        call stands in line (first come, first served) until room is freed for all of its items.
+        Raises ``ValueError`` when the call alone exceeds ``max_queue`` (no wait would help: split
+        it), ``BatcherClosed`` once stopping. Cancelling the awaiting task withdraws the items still
+        waiting (or the call's place in line).
         """
         n = len(payloads)
         if len(costs) != n:
@@ -259,25 +280,63 @@ class MicroBatcher(Generic[P, R]):
             return []
         loop = asyncio.get_running_loop()
         call = _Call(loop=loop, future=loop.create_future(), results=[None] * n, remaining=n)
+        admission: _Admission | None = None
         with self._cond:
             if self._closed:
                 raise BatcherClosed(f"batcher {self.name!r} is stopping; no new work is accepted")
             if self._thread is None:
                 raise RuntimeError(f"batcher {self.name!r}: call start() before submit()")
-            self._check_room_locked(n)
-            now = time.monotonic()
-            by_key = self._by_key.setdefault(key, {})
-            for i, (payload, cost) in enumerate(zip(payloads, costs)):
-                item = _Item(payload, int(cost), key, next(self._seq), now, call, i)
-                call.items.append(item)
-                self._waiting[item.seq] = item
-                by_key[item.seq] = item
-            self._cond.notify()
+            if wait:
+                admission = _Admission(n, loop, loop.create_future())
+                self._line.append(admission)
+                self._admit_locked()
+            else:
+                self._check_room_locked(n)
+                self._enqueue_locked(call, payloads, costs, key)
+        if admission is not None:
+            try:
+                await admission.future
+            except asyncio.CancelledError:
+                with self._cond:
+                    self._leave_line_locked(admission)
+                raise
+            with self._cond:
+                self._reserved -= n
+                if self._closed:
+                    self._admit_locked()
+                    raise BatcherClosed(f"batcher {self.name!r} is stopping; no new work is accepted")
+                self._enqueue_locked(call, payloads, costs, key)
         try:
             return await call.future
         except asyncio.CancelledError:
             self._abandon(call)
             raise
+
+    def _enqueue_locked(self, call: _Call, payloads: Sequence[P], costs: Sequence[int], key: Hashable) -> None:
+        now = time.monotonic()
+        by_key = self._by_key.setdefault(key, {})
+        for i, (payload, cost) in enumerate(zip(payloads, costs)):
+            item = _Item(payload, int(cost), key, next(self._seq), now, call, i)
+            call.items.append(item)
+            self._waiting[item.seq] = item
+            by_key[item.seq] = item
+        self._cond.notify()
+
+    def _admit_locked(self) -> None:
+        """Grant room to the callers in line, in order, as far as the queue has it."""
+        while self._line and len(self._waiting) + self._reserved + self._line[0].n <= self.max_queue:
+            admission = self._line.popleft()
+            admission.granted = True
+            self._reserved += admission.n
+            _post(admission, _set_result, None)
+
+    def _leave_line_locked(self, admission: _Admission) -> None:
+        """A caller in line was cancelled: give back its place, or the room already granted to it."""
+        if admission.granted:
+            self._reserved -= admission.n
+        elif admission in self._line:
+            self._line.remove(admission)
+        self._admit_locked()
 
     def _abandon(self, call: _Call) -> None:
         """The client went away: withdraw its waiting items; running ones finish and are dropped."""
@@ -304,6 +363,7 @@ class MicroBatcher(Generic[P, R]):
         for item in call.items:
             if item.seq in self._waiting:
                 self._remove(item)
+        self._admit_locked()
 
     def _fail_waiting(self, exc: BaseException) -> None:
         for item in list(self._waiting.values()):
@@ -312,6 +372,9 @@ class MicroBatcher(Generic[P, R]):
                 _post(item.call, _set_exception, exc)
         self._waiting.clear()
         self._by_key.clear()
+        for admission in self._line:
+            _post(admission, _set_exception, exc)
+        self._line.clear()
 
     def _form(self, anchor: _Item) -> tuple[list[_Item], bool]:
         """The batch around ``anchor``: same key, nearest in cost, within size, token budget and padding.
@@ -372,6 +435,7 @@ class MicroBatcher(Generic[P, R]):
                 batch = other
             for item in batch:
                 self._remove(item)
+            self._admit_locked()
             return batch
 
     def _full_batch_of_other_key(self, skip: Hashable) -> list[_Item] | None:

@@ -193,10 +193,13 @@ class ScoringService:
         keys = [cache_key(self.embedder.weights_digest, config, text) for text in texts]
         return texts, response_chars, keys
 
-    async def embed(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
+    async def embed(self, items: Sequence[Item], config: EmbeddingConfig, *, wait: bool = False) -> tuple[list[Encoded], np.ndarray]:
         """Embed items, each distinct input once: cached ones (local, then Redis) are not run again,
         duplicates within the call share one forward pass, and an input another request is already
-        embedding is awaited rather than run twice; the rest wait for the shared inference worker."""
+        embedding is awaited rather than run twice; the rest wait for the shared inference worker.
+
+        A full queue raises ``QueueFull`` — unless ``wait`` (streams that cannot answer 429 halfway):
+        then the call stands in line for room, ahead of every later caller."""
         texts, response_chars, keys = await asyncio.to_thread(self._format_and_key, items, config)
         cached, local_hits, redis_hits = await self.cache.get_many(keys)
         first: dict[str, int] = {}  # key → index of its first uncached occurrence
@@ -212,19 +215,19 @@ class ScoringService:
         metrics.CACHE_HITS.labels("inflight").inc(len(awaited))
         metrics.CACHE_MISSES.inc(len(own))
         embed_own = self._embed_owned if sharing else self._embed_uncached
-        fresh = await embed_own(own, texts, response_chars, keys, config)
+        fresh = await embed_own(own, texts, response_chars, keys, config, wait)
         if awaited:
             shared = await asyncio.gather(*(asyncio.shield(f) for f in awaited.values()))
             fresh.update((key, entry) for key, entry in zip(awaited, shared, strict=True) if entry is not None)
             abandoned = [first[key] for key in awaited if key not in fresh]  # their request failed or left: run them here
             metrics.CACHE_MISSES.inc(len(abandoned))
-            fresh.update(await self._embed_uncached(abandoned, texts, response_chars, keys, config))
+            fresh.update(await self._embed_uncached(abandoned, texts, response_chars, keys, config, wait))
         entries = [entry if entry is not None else fresh[key] for key, entry in zip(keys, cached, strict=True)]
         out = [Encoded((), e.n_tokens, e.truncated) for e in entries]
         return out, np.stack([e.vector for e in entries]) if entries else np.empty((0, self.embedder.dim(config)), np.float32)
 
     async def _embed_owned(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
-                           config: EmbeddingConfig) -> dict[str, CachedEmbedding]:
+                           config: EmbeddingConfig, wait: bool) -> dict[str, CachedEmbedding]:
         """Embed items no other request is embedding, announcing each so concurrent duplicates wait for it.
 
         Waiters get None when this request fails or is cancelled, and then embed the item themselves."""
@@ -233,7 +236,7 @@ class ScoringService:
         self._inflight.update(announced)
         fresh: dict[str, CachedEmbedding] = {}
         try:
-            fresh = await self._embed_uncached(todo, texts, response_chars, keys, config)
+            fresh = await self._embed_uncached(todo, texts, response_chars, keys, config, wait)
         finally:
             for key, future in announced.items():
                 future.set_result(fresh.get(key))
@@ -242,20 +245,21 @@ class ScoringService:
         return fresh
 
     async def _embed_uncached(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
-                              config: EmbeddingConfig) -> dict[str, CachedEmbedding]:
+                              config: EmbeddingConfig, wait: bool) -> dict[str, CachedEmbedding]:
         """Tokenize and run items through the batcher, then cache them."""
         if not todo:
             return {}
         start = time.perf_counter()
-        try:
-            self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
-        except QueueFull:
-            metrics.QUEUE_FULL.inc()
-            raise
+        if not wait:
+            try:
+                self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
+            except QueueFull:
+                metrics.QUEUE_FULL.inc()
+                raise
         encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
         try:
-            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config)
+            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config, wait=wait)
         except QueueFull:
             metrics.QUEUE_FULL.inc()
             raise
@@ -265,9 +269,10 @@ class ScoringService:
         await self.cache.put_many(fresh)
         return fresh
 
-    async def score(self, items: Sequence[Item], snapshot: ActiveSubspace, threshold: float | None) -> list[Scored]:
-        """Score items with one snapshot (one version for the whole request)."""
-        encoded, vectors = await self.embed(items, snapshot.manifest.embedding)
+    async def score(self, items: Sequence[Item], snapshot: ActiveSubspace, threshold: float | None, *,
+                    wait: bool = False) -> list[Scored]:
+        """Score items with one snapshot (one version for the whole request); ``wait`` as in ``embed``."""
+        encoded, vectors = await self.embed(items, snapshot.manifest.embedding, wait=wait)
         results = score_encoded(snapshot.subspace, snapshot.manifest, items, encoded, vectors, threshold)
         metrics.ITEMS_SCORED.inc(len(results))
         for r in results:

@@ -265,6 +265,60 @@ def test_queue_full_refuses_the_whole_call_and_recovers() -> None:
     run(main())
 
 
+def test_a_caller_that_waits_for_room_goes_before_later_callers() -> None:
+    """A large call in line is not starved by a stream of small ones: they are refused until it is in."""
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_queue=10, max_batch_size=2)
+        blocker = await block_worker(batcher, model, 0)
+        queued = asyncio.create_task(batcher.submit(list(range(1, 9)), [1] * 8))
+        await wait_until(lambda: batcher.queue_depth == 8)
+        large = asyncio.create_task(batcher.submit(list(range(20, 25)), [1] * 5, wait=True))  # 8 + 5 > 10: in line
+        await asyncio.sleep(0.05)
+        assert not large.done() and batcher.queue_depth == 8
+        with pytest.raises(QueueFull, match="1 calls of 5 items waiting for room first"):
+            await batcher.submit([100], [1])  # room for one, but the line comes first
+        with pytest.raises(QueueFull):
+            batcher.check_room(1)
+        model.gate.set()
+        assert await large == [2 * i for i in range(20, 25)]
+        assert await queued == [2 * i for i in range(1, 9)] and await blocker == [0]
+        assert await batcher.submit([100], [1]) == [200]  # the line is empty again
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_cancelled_caller_leaves_the_line_and_stop_fails_those_in_it() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_queue=4)
+        blocker = await block_worker(batcher, model, 0)
+        queued = asyncio.create_task(batcher.submit([1, 2, 3], [1] * 3))
+        await wait_until(lambda: batcher.queue_depth == 3)
+        first = asyncio.create_task(batcher.submit([10, 11], [1, 1], wait=True))
+        second = asyncio.create_task(batcher.submit([20], [1], wait=True))  # behind first, though one slot is free
+        await asyncio.sleep(0.05)
+        assert batcher.queue_depth == 3 and not first.done() and not second.done()
+        first.cancel()
+        await wait_until(lambda: batcher.queue_depth == 4)  # first gave up its place: second took the free slot
+        assert first.cancelled()
+        third = asyncio.create_task(batcher.submit([30, 31], [1, 1], wait=True))
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        stopping = asyncio.create_task(batcher.stop(drain=False))
+        for task in (third, second, queued):  # in line or queued: all refused, none left hanging
+            with pytest.raises(BatcherClosed):
+                await task
+        model.gate.set()
+        await stopping
+        assert await blocker == [0]  # the batch already running finishes
+
+    run(main())
+
+
 # ---- 6. errors ------------------------------------------------------------------------------------
 
 

@@ -22,13 +22,13 @@ def test_overload_sheds_with_retry_after_and_recovers(tmp_path: Path) -> None:
     try:
         # warm-up with full batches, so the allocator has seen the largest ones before memory is compared
         phases = [Phase("warm-up", 10, 8), Phase("beyond capacity", 20, 32), Phase("recovery", 10, 2)]
-        # /score only: under sustained overload a /filter stream waits for room without a bound (see RELIABILITY.md)
-        warm, over, recovery = asyncio.run(run_phases(url, phases, proc.pid, filter_share=0.0))
+        # 10% of requests are small /filter streams: they stand in line for room and are never starved by /score
+        warm, over, recovery = asyncio.run(run_phases(url, phases, proc.pid, filter_share=0.1))
         for phase in (warm, over, recovery):
             summary = phase.summary()
             assert not any(code >= 500 for code in phase.statuses), summary
             assert set(phase.statuses) <= {200, 429}, summary
-            assert not phase.transport_errors and phase.wrong_results == 0, summary
+            assert not phase.transport_errors and phase.wrong_results == 0, summary  # no /filter timed out or lost a line
             assert phase.missing_retry_after == 0, summary  # every 429 says when to come back
         assert over.statuses[429] > 0 and over.statuses[200] > 0, over.summary()  # load shed, not collapse
         assert recovery.statuses[429] == 0 and recovery.statuses[200] > 0, recovery.summary()  # back to normal

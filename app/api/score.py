@@ -18,7 +18,6 @@ from starlette.types import Receive, Scope, Send
 from app import metrics
 from app.api.deps import get_service, require_client
 from app.api.errors import BodyTimeout, PayloadTooLarge
-from app.batching import QueueFull
 from app.pipeline import Line, parse_line
 from app.registry import ActiveSubspace
 from app.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
@@ -200,13 +199,8 @@ async def filter_stream(
                     valid.append(line)
                 except ItemTooLarge as err:
                     errors[line.number] = str(err)
-            scored = []
-            while valid:
-                try:  # a stream waits for capacity instead of failing mid-way
-                    scored = await service.score([line.item for line in valid], snapshot, threshold)  # type: ignore[misc]
-                    break
-                except QueueFull as err:
-                    await asyncio.sleep(min(err.retry_after_s, 1.0))
+            # A stream cannot answer 429 halfway: it stands in line for capacity, ahead of later callers.
+            scored = await service.score([line.item for line in valid], snapshot, threshold, wait=True) if valid else []  # type: ignore[misc]
             by_number = {line.number: s for line, s in zip(valid, scored, strict=True)}
             for line in pending:
                 counts["total"] += 1
