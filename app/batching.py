@@ -241,7 +241,7 @@ class MicroBatcher(Generic[P, R]):
     def _check_room_locked(self, n: int) -> None:
         depth = len(self._waiting) + self._reserved
         in_line = sum(a.n for a in self._line)
-        if depth + in_line + n > self.max_queue or self._line:
+        if self._line or depth + n > self.max_queue:
             retry = self._retry_after(depth + in_line + n - self.max_queue)
             ahead = f" ({len(self._line)} calls of {in_line} items waiting for room first)" if self._line else ""
             raise QueueFull(

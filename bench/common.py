@@ -211,6 +211,11 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def batch_limits(settings: Any) -> dict[str, int]:
+    """The batch plan a service with these settings uses, as ``Embedder.embed`` takes it."""
+    return {"max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size}
+
+
 def settings_for(env: dict[str, str]) -> Any:
     """The Settings the service will see under ``env`` (same names, same validation)."""
     from app.config import Settings

@@ -13,6 +13,7 @@ import typer
 
 from app.embedding import Embedder, EmbeddingConfig, Encoded
 from app.items import parse_item
+from app.pipeline import DEFAULT_FIT_EMBEDDING
 from bench.common import RESULTS, in_worker_thread, matmul_gflops, save, texts
 
 ResultsOpt = Annotated[Path, typer.Option(help="Results file to merge into.")]
@@ -149,4 +150,6 @@ def gpu(
         save("gpu", {"command": "python -m bench.run gpu", "run": False,
                      "reason": "no CUDA device on this machine; none was lent to this task"}, results)
         return
-    run_core(n, "20", 256, batch_sizes, token_budgets, "smollm2-135m-instruct", "cuda", 0, results, name="gpu")
+    layers = ",".join(map(str, DEFAULT_FIT_EMBEDDING.layers))  # the default subspace's embedding
+    run_core(n, layers, DEFAULT_FIT_EMBEDDING.max_length, batch_sizes, token_budgets, "smollm2-135m-instruct", "cuda", 0, results,
+             name="gpu")

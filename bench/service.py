@@ -14,7 +14,20 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.common import RESULTS, alternate, drive, in_worker_thread, parse_env, public, saft_server, save, settings_for, texts
+from app.config import Settings
+from bench.common import (
+    RESULTS,
+    alternate,
+    batch_limits,
+    drive,
+    in_worker_thread,
+    parse_env,
+    public,
+    saft_server,
+    save,
+    settings_for,
+    texts,
+)
 
 ResultsOpt = Annotated[Path, typer.Option(help="Results file to merge into.")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", help="SAFT_NAME=value for the service (and the core).")]
@@ -31,7 +44,7 @@ class Core:
         _, manifest = load_version(settings.models_dir, settings.subspace_name)
         self.embedder = Embedder.from_settings(settings, manifest.model_id)
         self.config = manifest.embedding
-        self.limits = {"max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size}
+        self.limits = batch_limits(settings)
         self.info = {"subspace": f"{manifest.name}/{manifest.version}", "model": manifest.model_id, **self.limits}
 
     def rate(self, items: list[dict[str, Any]]) -> float:
@@ -92,10 +105,7 @@ def batching(
     env_d = parse_env(env)
     items = texts(n, seed=2)
     variants = {"on": env_d, "off": {**env_d, "SAFT_MAX_BATCH_SIZE": "1"}}
-    limits = {}
-    for label, variant in variants.items():
-        settings = settings_for(variant)
-        limits[label] = {"max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size}
+    limits = {label: batch_limits(settings_for(variant)) for label, variant in variants.items()}
     by_level = []
     with saft_server(variants["on"]) as on_url, saft_server(variants["off"]) as off_url:
         for url in (on_url, off_url):
@@ -134,7 +144,7 @@ def cache(
     items, distinct = duplicated(n, duplicates)
     warm = texts(16, seed=99)  # not in the dataset, so the warm-up fills no useful cache entry
     with saft_server({**env_d, "SAFT_CACHE_MAX_BYTES": "0"}) as off_url, \
-            saft_server({**env_d, "SAFT_CACHE_MAX_BYTES": str(256 * 2**20)}) as on_url:
+            saft_server({**env_d, "SAFT_CACHE_MAX_BYTES": str(Settings.model_fields["cache_max_bytes"].default)}) as on_url:
         for url in (off_url, on_url):
             drive(url, warm, 4)
         # One pass each: a second pass on the cached server would find every item cached.
