@@ -1,0 +1,286 @@
+"""Input files as they are stored: one reader for every file format, numbering records as the file does.
+
+Owns the suffix → format table, decompression (gzip, zstd), JSON-array and Parquet decoding, and the atomic
+Parquet writer for outputs. It yields *records*, not items: decoding a JSONL line and validating any record
+(``app.pipeline.parse_line`` / ``app.items.parse_item``) happen per record downstream, so a bad record is that
+record's error and never the file's. It must not parse items, read labels or know about scores; only a file
+that cannot be read at all (not JSON, not an array, not Parquet, a corrupt stream) raises ``RecordFileError``.
+
+The API:
+
+``open_records(path) -> Iterator[Record]``
+    Every record of ``path`` in order. ``Record`` is a ``(number, payload, error)`` named tuple: ``number`` is
+    1-based — the line of a JSONL file, the element of a JSON array, the row of a Parquet file; ``payload`` is
+    the JSONL line as stored (``bytes``, without its line end, for the caller to decode, as before) or the
+    decoded object (``dict``) of a JSON element or a Parquet row; ``error`` says why the record could not be
+    read (``payload`` is then ``None``). Blank JSONL lines are counted but not yielded, so numbers keep matching
+    the file. A Parquet null is an absent key (a table has no other way to say a row lacks a column), so
+    converted JSONL reads back as the same objects. Formats, by suffix: ``.jsonl``, ``.json`` (a top-level
+    array, read whole: use JSONL for sets that do not fit in memory), each optionally ``.gz`` or ``.zst``, and
+    ``.parquet`` (streamed by row group).
+``jsonl_records(stream) -> Iterator[Record]``
+    The same for an already open JSONL stream (uploads, stdin).
+``record_format(path) -> (format, compression)``
+    What ``open_records`` would read ``path`` as; ``RecordFileError`` for a suffix it does not know.
+``write_parquet_rows(path, rows, extra_columns=SAFT_COLUMNS, *, schema=None) -> int``
+    Output rows (input row + ``saft_score``, ``saft_verdict``, ``saft_kind``) as one Parquet file, written to a
+    temporary file beside ``path`` and moved into place, so a reader never sees half a file.
+
+pyarrow and zstandard are imported when a file needs them, never at import time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
+
+import orjson
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+Format = Literal["jsonl", "json", "parquet"]
+Compression = Literal["gzip", "zstd"] | None
+
+_FORMATS: Mapping[str, Format] = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+_COMPRESSIONS: Mapping[str, Compression] = {".gz": "gzip", ".zst": "zstd"}
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".parquet")
+
+#: The columns an output row adds to its input row, as Arrow type aliases (``pyarrow.type_for_alias``).
+SAFT_COLUMNS: Mapping[str, str] = {"saft_score": "double", "saft_verdict": "string", "saft_kind": "string"}
+
+#: Rows per Arrow batch, read or written: bounds memory, not results.
+BATCH_ROWS = 1024
+
+
+class RecordFileError(ValueError):
+    """A file that cannot be read as records at all; ``path`` names it."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+        self.message = message
+
+
+class Record(NamedTuple):
+    """One stored record: its 1-based number, the raw line or decoded object, or why it could not be read."""
+
+    number: int
+    payload: bytes | dict[str, Any] | None
+    error: str | None
+
+
+def record_format(path: Path | str) -> tuple[Format, Compression]:
+    """The format and compression ``path``'s suffixes name (``data.jsonl.zst`` → ``("jsonl", "zstd")``)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression is not None:
+        suffixes = suffixes[:-1]
+    fmt = _FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None or (fmt == "parquet" and compression is not None):
+        raise RecordFileError(path, f"unknown file type; saft reads {', '.join(SUFFIXES)}")
+    return fmt, compression
+
+
+def jsonl_records(stream: Iterable[bytes | str]) -> Iterator[Record]:
+    """Every non-blank line of a JSONL stream as a ``Record`` (payload: the line's bytes, line end stripped)."""
+    for number, raw in enumerate(stream, start=1):
+        line = raw.encode() if isinstance(raw, str) else raw
+        line = line.rstrip(b"\r\n")
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte order mark (Windows exports) is not part of the first object
+        if line.strip():
+            yield Record(number, line, None)
+
+
+def open_records(path: Path | str) -> Iterator[Record]:
+    """Every record of the file at ``path``, numbered as the file numbers them (see the module docstring)."""
+    path = Path(path)
+    fmt, compression = record_format(path)
+    if fmt == "parquet":
+        yield from _parquet_records(path)
+        return
+    with _open_binary(path, compression) as fh:
+        if fmt == "json":
+            yield from _json_records(path, _read_all(path, fh))
+            return
+        number = 0
+        try:
+            for record in jsonl_records(fh):
+                number = record.number
+                yield record
+        except (OSError, EOFError, _zstd_error()) as err:
+            raise RecordFileError(path, f"cannot be read after line {number}: {err}") from err
+
+
+@contextmanager
+def _open_binary(path: Path, compression: Compression) -> Iterator[BinaryIO]:
+    if compression == "gzip":
+        with gzip.open(path, "rb") as fh:
+            yield fh  # type: ignore[misc]
+    elif compression == "zstd":
+        import zstandard
+
+        with path.open("rb") as raw:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            with io.BufferedReader(reader) as fh:
+                yield fh
+    else:
+        with path.open("rb") as fh:
+            yield fh
+
+
+def _zstd_error() -> type[Exception]:
+    try:
+        import zstandard
+    except ImportError:  # without zstandard no .zst file was opened, so none of its errors can occur
+        return OSError
+    return zstandard.ZstdError
+
+
+def _read_all(path: Path, fh: BinaryIO) -> bytes:
+    try:
+        return fh.read()
+    except (OSError, EOFError, _zstd_error()) as err:
+        raise RecordFileError(path, f"cannot be read: {err}") from err
+
+
+def _json_records(path: Path, data: bytes) -> Iterator[Record]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise RecordFileError(path, f"is not valid JSON ({err}); a file of one object per line is .jsonl") from err
+    if not isinstance(value, list):
+        raise RecordFileError(path, f"must hold a top-level JSON array of records, got {type(value).__name__}; "
+                              "a file of one object per line is .jsonl")
+    for number, element in enumerate(value, start=1):
+        if isinstance(element, dict):
+            yield Record(number, element, None)
+        else:  # the same words parse_item uses, so a record reads alike whatever file it came from
+            yield Record(number, None, f"item: must be a JSON object, got {type(element).__name__}")
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise RecordFileError(path, f"is not a readable Parquet file ({err})") from err
+    number = 0
+    with parquet:
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                raise RecordFileError(path, f"cannot be read after row {number}: {err}") from err
+            if batch is None:
+                return
+            for row in _batch_rows(batch):
+                number += 1
+                yield Record(number, None, row) if isinstance(row, str) else Record(number, row, None)
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | str]:
+    """A batch's rows as objects; a row holding a value Python cannot represent is that row's error message."""
+    try:
+        return [_without_nulls(row) for row in batch.to_pylist()]
+    except (ValueError, OverflowError, ArithmeticError):
+        pass  # some row holds such a value: find it value by value, so only that row fails
+    rows: list[dict[str, Any] | str] = []
+    for i in range(batch.num_rows):
+        row: dict[str, Any] = {}
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            try:
+                row[name] = column[i].as_py()
+            except (ValueError, OverflowError, ArithmeticError) as err:
+                rows.append(f"{name}: cannot be read ({type(err).__name__}: {err})")
+                break
+        else:
+            rows.append(_without_nulls(row))
+    return rows
+
+
+def write_parquet_rows(
+    path: Path | str,
+    rows: Iterable[Mapping[str, Any]],
+    extra_columns: Mapping[str, str] = SAFT_COLUMNS,
+    *,
+    schema: pa.Schema | None = None,
+) -> int:
+    """Write ``rows`` to ``path`` as Parquet, atomically; returns the number of rows written.
+
+    The schema is ``schema`` (pass the input file's ``ParquetFile.schema_arrow`` so the output keeps its
+    types and streams in batches) or, without one, inferred from all rows, which are then held in memory;
+    ``extra_columns`` (name → Arrow type alias) are appended to it, replacing input columns of the same name.
+    A row's missing key is a null. A key the schema lacks or a value that does not fit its column raises
+    ``RecordFileError`` (nothing is dropped silently), and the file at ``path`` is left as it was.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    extra = [pa.field(name, pa.type_for_alias(alias)) for name, alias in extra_columns.items()]
+    if schema is None:
+        rows = list(rows)
+        names = list(dict.fromkeys(k for r in rows for k in r if k not in extra_columns))  # from_pylist reads row 1 only
+        schema = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in names}).schema
+    keep = [f for f in schema if f.name not in extra_columns]
+    full = pa.schema(keep + extra, metadata=schema.metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes it 0600; outputs are read by others
+            with pq.ParquetWriter(fh, full) as writer:
+                for chunk in _chunks(rows, BATCH_ROWS):
+                    writer.write_table(_table(path, chunk, full, count))
+                    count += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def _table(path: Path, chunk: list[Mapping[str, Any]], schema: pa.Schema, before: int) -> pa.Table:
+    import pyarrow as pa
+
+    names = set(schema.names)
+    for i, row in enumerate(chunk, start=before + 1):
+        unknown = [k for k in row if k not in names]
+        if unknown:
+            raise RecordFileError(path, f"row {i} has column {unknown[0]!r}, which the output schema lacks")
+    try:
+        return pa.Table.from_pylist(list(chunk), schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise RecordFileError(path, f"rows {before + 1}-{before + len(chunk)} do not fit the output schema: {err}") from err
+
+
+def _chunks(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
+    chunk: list[Mapping[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
