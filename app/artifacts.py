@@ -57,9 +57,18 @@ class Manifest:
     threshold_policy: ThresholdPolicy
     calibration: dict[str, Any]
     quality: dict[str, Any] = field(default_factory=dict)
+    #: τ per item kind ("text", "pair"), chosen by the same policy on each kind's calibration items; a kind
+    #: missing here (every version before per-kind thresholds) uses ``threshold``.
+    thresholds: dict[str, float] = field(default_factory=dict)
+    balance: str = "item"  # versions before source balancing weighed every item alike
+    nuisance: int = 0
     version: str = ""
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+
+    def threshold_for(self, kind: str) -> float:
+        """The τ that decides an item of ``kind``: its own where the fit chose one, else the single τ."""
+        return self.thresholds.get(kind, self.threshold)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,8 +86,11 @@ class Manifest:
                 "shrinkage": self.shrinkage,
                 "signed": self.signed,
                 "kinds": self.kinds,
+                "balance": self.balance,
+                "nuisance": self.nuisance,
             },
-            "threshold": {"value": self.threshold, "policy": self.threshold_policy.as_dict()},
+            "threshold": {"value": self.threshold, "policy": self.threshold_policy.as_dict(),
+                          **({"by_kind": self.thresholds} if self.thresholds else {})},
             "calibration": self.calibration,
             "quality": self.quality,
         }
@@ -102,8 +114,11 @@ class Manifest:
                 shrinkage=sub["shrinkage"],
                 signed=sub["signed"],
                 kinds=list(sub["kinds"]),
+                balance=sub.get("balance", "item"),
+                nuisance=int(sub.get("nuisance", 0)),
                 threshold=float(data["threshold"]["value"]),
                 threshold_policy=ThresholdPolicy(**data["threshold"]["policy"]),
+                thresholds={str(k): float(v) for k, v in data["threshold"].get("by_kind", {}).items()},
                 calibration=data["calibration"],
                 quality=data.get("quality", {}),
             )
@@ -339,6 +354,8 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
         center=manifest.center,  # type: ignore[arg-type]
         standardize=manifest.standardize,
         shrinkage=manifest.shrinkage,
+        balance=manifest.balance,  # type: ignore[arg-type]
+        nuisance=manifest.nuisance,
     )
     subspace.components_ = tensors["components"]
     subspace.singular_values_ = tensors["singular_values"]

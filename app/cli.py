@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Annotated, Any
 
+import numpy as np
 import orjson
 import typer
 from rich.console import Console
@@ -21,13 +22,15 @@ from rich.table import Table
 
 from app.artifacts import ArtifactError, check_compatible, load_version, save_version
 from app.config import get_settings
-from app.embedding import Embedder, EmbeddingConfig, EmbeddingError
+from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
+from app.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
 from app.pipeline import (
     DEFAULT_FIT_EMBEDDING,
     EmbedFn,
     FitOptions,
+    Line,
+    chunks,
     direct_embed,
-    file_digest,
     filter_record,
     fit_lines,
     line_record,
@@ -41,7 +44,7 @@ from app.subspace import FitError
 app = typer.Typer(add_completion=False, help="Safety-Aware Fine-Tuning filter: drop harmful samples before training.")
 err = Console(stderr=True)
 
-USER_ERRORS = (ArtifactError, EmbeddingError, FitError, ThresholdError, FileNotFoundError, ValueError)
+USER_ERRORS = (ArtifactError, EmbeddingError, EmbeddingFileError, FitError, ThresholdError, FileNotFoundError, ValueError)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -95,22 +98,80 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedded model na
 ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Override τ for this run.")]
 
 
+_FIT = FitOptions()  # the defaults of every fit option below (one place: FitOptions)
+_FIT_LAYERS = ",".join(map(str, _FIT.embedding.layers))
+LayersOpt = Annotated[str, typer.Option(help="Comma-separated layer indices (negative from the end).")]
+PoolingOpt = Annotated[str, typer.Option(help="last | mean | response (mean over the final assistant turn)")]
+TemplateOpt = Annotated[str, typer.Option(help="judge (the item inside one fixed 'is this harmful?' instruction) | chat | plain")]
+MaxLengthOpt = Annotated[int, typer.Option(min=8)]
+TruncationOpt = Annotated[str, typer.Option(help="left keeps the end (the response) | right keeps the start")]
+MethodOpt = Annotated[str, typer.Option(help="auto (lda with labels, else saft) | saft (the paper, unsupervised) | lda (labelled)")]
+KOpt = Annotated[int, typer.Option(min=1)]
+CenterOpt = Annotated[str, typer.Option(help="global | kind")]
+StandardizeOpt = Annotated[bool, typer.Option(help="Per-dimension standardization before the SVD.")]
+ShrinkageOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
+BalanceOpt = Annotated[str, typer.Option(help="item (every line weighs the same) | source (every 'source' weighs the same within its label)")]
+NuisanceOpt = Annotated[int, typer.Option(min=0, help="lda: directions of between-benign-source spread projected out.")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without); chosen per item kind")]
+EmbeddingsOpt = Annotated[Path | None, typer.Option("--embeddings", help="Embedding file (saft embed): lines it holds are not embedded again; new ones are added to it.")]
+DataArg = Annotated[list[Path], typer.Argument(help="JSONL files (labelled or not); several are read as one set.", exists=True, dir_okay=False)]
+
+
+def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str, k: int,
+                 center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None) -> FitOptions:
+    return FitOptions(
+        embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
+        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
+        policy=ThresholdPolicy.parse(policy) if policy else None,
+    )
+
+
+def _read_files(paths: Sequence[Path]) -> Iterator[Line]:
+    """The lines of several files as one stream; with more than one file, each error names its file."""
+    for path in paths:
+        with path.open("rb") as fh:
+            for line in read_lines(fh):
+                if len(paths) > 1 and line.error is not None:
+                    line = Line(line.number, line.obj, line.item, line.label, f"{path.name}: {line.error}")
+                yield line
+
+
+def _embed_fn(embedder: Embedder, config: EmbeddingConfig, embeddings: Path | None) -> tuple[EmbedFn, StoredEmbed | None]:
+    """The embed function of a run: direct, or through an embedding file when one is given."""
+    direct = _direct(embedder)
+    if embeddings is None:
+        return direct, None
+    config = EmbeddingConfig(**{**config.as_dict(), "layers": embedder.normalize_layers(config.layers)})
+    store = EmbeddingFile.load(embeddings, embedder.weights_digest, config) if embeddings.exists() else EmbeddingFile(embedder.weights_digest, config)
+    stored = StoredEmbed(embedder, store, direct)
+    return stored, stored
+
+
+def _save_embeddings(stored: StoredEmbed | None, path: Path | None) -> None:
+    if stored is not None and path is not None and stored.misses:
+        stored.store.save(path)
+        err.print(f"embeddings: {stored.hits} from {path}, {stored.misses} embedded and added")
+
+
 @app.command()
 def fit(
-    calibration: Annotated[Path, typer.Argument(help="Calibration JSONL (labelled or not).", exists=True, dir_okay=False)],
+    calibration: DataArg,
     name: NameOpt = None,
     model: ModelOpt = None,
-    layers: Annotated[str, typer.Option(help="Comma-separated layer indices (negative from the end).")] = ",".join(map(str, DEFAULT_FIT_EMBEDDING.layers)),
-    pooling: Annotated[str, typer.Option(help="last | mean | response (mean over the final assistant turn)")] = DEFAULT_FIT_EMBEDDING.pooling,
-    template: Annotated[str, typer.Option(help="chat | plain")] = DEFAULT_FIT_EMBEDDING.template,
-    max_length: Annotated[int, typer.Option(min=8)] = DEFAULT_FIT_EMBEDDING.max_length,
-    truncation_side: Annotated[str, typer.Option(help="left keeps the end (the response) | right keeps the start")] = DEFAULT_FIT_EMBEDDING.truncation_side,
-    method: Annotated[str, typer.Option(help="auto (lda with labels, else saft) | saft (the paper, unsupervised) | lda (labelled)")] = "auto",
-    k: Annotated[int, typer.Option(min=1)] = 1,
-    center: Annotated[str, typer.Option(help="global | kind")] = "kind",
-    standardize: Annotated[bool, typer.Option(help="Per-dimension standardization before the SVD.")] = True,
-    shrinkage: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
-    threshold_policy: Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without)")] = None,
+    layers: LayersOpt = _FIT_LAYERS,
+    pooling: PoolingOpt = _FIT.embedding.pooling,
+    template: TemplateOpt = _FIT.embedding.template,
+    max_length: MaxLengthOpt = _FIT.embedding.max_length,
+    truncation_side: TruncationOpt = _FIT.embedding.truncation_side,
+    method: MethodOpt = _FIT.method,
+    k: KOpt = _FIT.k,
+    center: CenterOpt = _FIT.center,
+    standardize: StandardizeOpt = _FIT.standardize,
+    shrinkage: ShrinkageOpt = _FIT.shrinkage,
+    balance: BalanceOpt = _FIT.balance,
+    nuisance: NuisanceOpt = _FIT.nuisance,
+    threshold_policy: PolicyOpt = None,
+    embeddings: EmbeddingsOpt = None,
     activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first invalid line instead of rejecting it.")] = False,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
@@ -119,31 +180,157 @@ def fit(
     settings = get_settings()
     name = name or settings.subspace_name
     try:
-        options = FitOptions(
-            embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
-            method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage,
-            policy=ThresholdPolicy.parse(threshold_policy) if threshold_policy else None,
-        )
+        options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
+                               shrinkage, balance, nuisance, threshold_policy)
         embedder = _load_embedder(model)
-        with calibration.open("rb") as fh, _progress("embedding calibration", _count_lines(calibration)) as advance:
+        embed, stored = _embed_fn(embedder, options.embedding, embeddings)
+        with _progress("embedding calibration", sum(_count_lines(p) for p in calibration)) as advance:
             result = fit_lines(
-                embedder, read_lines(fh), options, name=name, calibration_digest=file_digest(calibration),
-                calibration_path=calibration.name, progress=advance,
-                embed=_direct(embedder), strict=strict,
+                embedder, _read_files(calibration), options, name=name, calibration_digest=sha256_files(calibration),
+                calibration_path=",".join(p.name for p in calibration), progress=advance, embed=embed, strict=strict,
             )
+        _save_embeddings(stored, embeddings)
         manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activate)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     report = report or Path("reports") / f"fit-{name}-{manifest.version}.html"
     write_report(
         report, title=f"saft fit: {name}/{manifest.version}", summary=_summary(manifest), scores=result.scores,
-        labels=result.labels, kinds=result.meta["kind"], threshold=manifest.threshold,
+        labels=result.labels, kinds=result.meta["kind"], threshold=[manifest.threshold_for(k) for k in result.meta["item_kind"]],
         metrics=manifest.quality.get("calibration"),
     )
-    typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold, "active": activate,
+    typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold,
+                           "thresholds": manifest.thresholds, "active": activate,
                            "path": str(settings.models_dir / name / manifest.version), "report": str(report),
                            "rejected": manifest.calibration["rejected"],
                            "calibration_quality": manifest.quality.get("calibration", {}).get("overall")}, indent=2))
+
+
+@app.command()
+def embed(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="Embedding file to write (or extend) atomically.")],
+    model: ModelOpt = None,
+    layers: LayersOpt = _FIT_LAYERS,
+    pooling: PoolingOpt = _FIT.embedding.pooling,
+    template: TemplateOpt = _FIT.embedding.template,
+    max_length: MaxLengthOpt = _FIT.embedding.max_length,
+    truncation_side: TruncationOpt = _FIT.embedding.truncation_side,
+) -> None:
+    """Embed every valid line once into an embedding file, for later fit / crossval / eval runs (--embeddings)."""
+    try:
+        config = EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side)  # type: ignore[arg-type]
+        embedder = _load_embedder(model)
+        embed_fn, stored = _embed_fn(embedder, config, out)
+        assert stored is not None
+        rejected = 0
+        with _progress("embedding", sum(_count_lines(p) for p in data)) as advance:
+            for chunk in chunks(_read_files(data), 256):
+                valid = [line.item for line in chunk if line.item is not None]
+                rejected += len(chunk) - len(valid)
+                if valid:
+                    embed_fn(valid, stored.store.config)  # type: ignore[arg-type]
+                advance(len(chunk))
+        stored.store.save(out)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps({"out": str(out), "rows": len(stored.store), "embedded": stored.misses, "from_file": stored.hits,
+                           "rejected_lines": rejected}))
+
+
+@app.command(name="crossval")
+def crossval_(
+    data: DataArg,
+    by: Annotated[str, typer.Option(help="source (hold out each source in turn) | family (each family of --families)")] = "source",
+    families: Annotated[Path | None, typer.Option(help="JSON {family: [source, ...]}; sources it does not name are families of their own.")] = None,
+    model: ModelOpt = None,
+    layers: LayersOpt = _FIT_LAYERS,
+    pooling: PoolingOpt = _FIT.embedding.pooling,
+    template: TemplateOpt = _FIT.embedding.template,
+    max_length: MaxLengthOpt = _FIT.embedding.max_length,
+    truncation_side: TruncationOpt = _FIT.embedding.truncation_side,
+    method: MethodOpt = "lda",
+    k: KOpt = _FIT.k,
+    center: CenterOpt = _FIT.center,
+    standardize: StandardizeOpt = _FIT.standardize,
+    shrinkage: ShrinkageOpt = _FIT.shrinkage,
+    balance: BalanceOpt = _FIT.balance,
+    nuisance: NuisanceOpt = _FIT.nuisance,
+    threshold_policy: PolicyOpt = None,
+    embeddings: EmbeddingsOpt = None,
+    report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/crossval-BY.html).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here too.")] = None,
+) -> None:
+    """Source-held-out evaluation: fit on all sources but one, score the one left out, for every source in turn.
+
+    Reports per kind the AUROC / TPR at 1% and 5% FPR of the pooled out-of-source scores, and per source the
+    share dropped at τ (benign items) or caught (harmful ones). A line's 'source' field names its source (its
+    file's name where it has none); lines sharing a 'group' never straddle a fold."""
+    from app.crossval import EmbeddedPool, crossval
+
+    try:
+        options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
+                               shrinkage, balance, nuisance, threshold_policy)
+        family_of = {}
+        if families is not None:
+            spec = json.loads(families.read_text())
+            family_of = {s: f for f, members in spec.items() if not f.startswith("_") for s in members}
+        embedder = _load_embedder(model)
+        config = EmbeddingConfig(**{**options.embedding.as_dict(), "layers": embedder.normalize_layers(options.embedding.layers)})
+        embed_fn, stored = _embed_fn(embedder, config, embeddings)
+        vectors, labels, item_kinds, kinds, sources, groups, rejected = [], [], [], [], [], [], []
+        with _progress("embedding", sum(_count_lines(p) for p in data)) as advance:
+            for path in data:
+                with path.open("rb") as fh:
+                    for chunk in chunks(read_lines(fh), 256):
+                        valid = [line for line in chunk if line.item is not None and line.label is not None]
+                        rejected += [f"{path.name} line {line.number}: {line.error or 'label: missing (crossval needs label 0/1)'}"
+                                     for line in chunk if line.item is None or line.label is None]
+                        if valid:
+                            vectors.append(embed_fn([line.item for line in valid], config)[1])  # type: ignore[misc]
+                        for line in valid:
+                            obj = line.obj or {}
+                            labels.append(line.label)
+                            item_kinds.append(line.item.kind)  # type: ignore[union-attr]
+                            kinds.append(str(obj.get("kind", line.item.kind)))  # type: ignore[union-attr]
+                            sources.append(str(obj.get("source", path.name)))
+                            groups.append(str(obj.get("group", f"{path.name}:{line.number}")))
+                        advance(len(chunk))
+        _save_embeddings(stored, embeddings)
+        if not vectors:
+            raise _fail("no line can be cross-validated")
+        pool = EmbeddedPool(np.concatenate(vectors), np.asarray(labels), item_kinds, kinds, sources, groups)
+        result = crossval(pool, options, by=by, families=family_of)  # type: ignore[arg-type]
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    scores, taus = result.pop("scores"), result.pop("thresholds")
+    resolved = options.resolved(labelled=True)
+    result = {"data": [p.name for p in data], "model": embedder.model_id, "embedding": config.as_dict(),
+              "fit": {"method": resolved.method, "k": resolved.k, "center": resolved.center, "standardize": resolved.standardize,
+                      "shrinkage": resolved.shrinkage, "balance": resolved.balance, "nuisance": resolved.nuisance,
+                      "policy": resolved.policy.as_dict() if resolved.policy else None},
+              "rejected": {"count": len(rejected), "lines": rejected[:100]}, **result}
+    report = report or Path("reports") / f"crossval-{by}.html"
+    write_report(report, title=f"saft crossval by {by}: {', '.join(p.name for p in data)}",
+                 summary={k: result[k] for k in ("model", "embedding", "fit", "by", "n_folds", "n")} | {
+                     k: result[k] for k in ("worst_benign_source", "worst_harmful_source") if k in result},
+                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=result["metrics"])  # type: ignore[arg-type]
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"held out by {by}: {result['n_folds']} folds, {result['n']} lines")
+    for col in ("kind", "n", "AUROC", "TPR@1%FPR", "TPR@5%FPR", "dropped benign", "caught harmful"):
+        table.add_column(col)
+    for kind, m in result["metrics"]["by_kind"].items():
+        table.add_row(kind, str(m["n"]), *(f"{m[c]:.3f}" if c in m else "–" for c in ("auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr",
+                                                                                      "fpr_at_threshold", "recall")))
+    err.print(table)
+    for key in ("worst_benign_source", "worst_harmful_source"):
+        if key in result:
+            err.print(f"{key}: {result[key]}")
+    err.print(f"report: {report}")
+    typer.echo(json.dumps({k: result[k] for k in ("by", "n_folds", "n") if k in result}
+                          | {"by_kind": {k: {c: m.get(c) for c in ("n", "auroc", "tpr_at_5pct_fpr")} for k, m in result["metrics"]["by_kind"].items()}}
+                          | {k: result[k] for k in ("worst_benign_source", "worst_harmful_source") if k in result}))
 
 
 def _summary(manifest: Any) -> dict[str, Any]:
@@ -152,7 +339,8 @@ def _summary(manifest: Any) -> dict[str, Any]:
         "model": manifest.model_id,
         "embedding": manifest.embedding.as_dict(),
         "method": f"{manifest.method}, k={manifest.k}, center={manifest.center}, standardize={manifest.standardize}",
-        "threshold τ": f"{manifest.threshold:.6g} ({manifest.threshold_policy.as_dict()})",
+        "threshold τ": f"{manifest.threshold:.6g} ({manifest.threshold_policy.as_dict()})"
+                       + "".join(f"; {k}: {v:.6g}" for k, v in manifest.thresholds.items()),
         "calibration": {k: v for k, v in manifest.calibration.items() if k != "counts"},
     }
 
@@ -273,13 +461,14 @@ def eval_(
         embedder, subspace, manifest = _load_scoring(name, version, None)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
-    scores, labels, kinds, sources, rejected = [], [], [], [], []
+    scores, taus, labels, kinds, sources, rejected = [], [], [], [], [], []
     with input.open("rb") as fh, _progress("evaluating", _count_lines(input)) as advance:
         for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
             if scored is None or line.label is None:
                 rejected.append(f"line {line.number}: {line.error or 'label: missing (eval needs label 0/1)'}")
                 continue
             scores.append(scored.score)
+            taus.append(scored.threshold)
             labels.append(line.label)
             kinds.append(str((line.obj or {}).get("kind", line.item.kind)))  # type: ignore[union-attr]
             sources.append(str((line.obj or {}).get("source", "unknown")))
@@ -288,18 +477,19 @@ def eval_(
     if not scores:
         raise _fail("no line can be evaluated")
     tau = manifest.threshold if threshold is None else threshold
+    by_kind = {k: manifest.threshold_for(k) if threshold is None else threshold for k in sorted({"text", "pair", *manifest.thresholds})}
     try:
-        metrics = grouped_quality(labels, scores, tau, {"kind": kinds, "source": sources})
+        metrics = grouped_quality(labels, scores, taus, {"kind": kinds, "source": sources})
     except ValueError as e:
         raise _fail(str(e)) from None
-    result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "data": input.name,
+    result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "thresholds": by_kind, "data": input.name,
               "rejected": {"count": len(rejected), "lines": rejected[:100]}, "metrics": metrics}
     report = report or Path("reports") / f"eval-{manifest.name}-{manifest.version}.html"
     write_report(report, title=f"saft eval: {manifest.name}/{manifest.version} on {input.name}", summary=_summary(manifest),
-                 scores=scores, labels=labels, kinds=kinds, threshold=tau, metrics=metrics)
+                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=metrics)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
-    table = Table(title=f"{manifest.name}/{manifest.version} on {input.name} (τ={tau:.4g})")
+    table = Table(title=f"{manifest.name}/{manifest.version} on {input.name} (τ " + ", ".join(f"{k} {v:.4g}" for k, v in by_kind.items()) + ")")
     for col in ("group", "n", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "P", "R", "F1"):
         table.add_column(col)
     rows = [("overall", metrics["overall"])] + [(f"kind={k}", v) for k, v in metrics["by_kind"].items()]

@@ -53,4 +53,5 @@ class SaftClient:
                 results = {line.number: r for line, r in zip(valid, body["results"], strict=True)}
             for line in chunk:
                 r = results.get(line.number)
-                yield line_record(line, None if r is None else Scored(r["score"], r["verdict"], r["truncated"], r["n_tokens"]))
+                yield line_record(line, None if r is None else Scored(r["score"], r["verdict"], r["truncated"], r["n_tokens"],
+                                                                             r["threshold"]))

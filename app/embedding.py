@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from app.items import Item, Template, make_formatter
+from app.items import Item, Template, content_span, make_formatter
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -242,8 +242,8 @@ class Embedder:
         render = None
         if self._has_chat_template:
 
-            def render(messages):  # type: ignore[no-untyped-def]
-                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            def render(messages, add_generation_prompt):  # type: ignore[no-untyped-def]
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
         return make_formatter(template, render)
 
@@ -251,22 +251,36 @@ class Embedder:
         """Tokenize formatted texts and cut each to ``config.max_length`` on the configured side.
 
         ``response_chars`` gives, per text, the character where the final assistant turn starts, so
-        that "response" pooling can average over the answer only.
+        that "response" pooling can average over the answer only. With template "judge" the cut falls
+        inside the judged content (its start for left truncation, its end for right), so the
+        instruction around it and the read-out position always stay.
         """
-        add_special = not (config.template == "chat" and self._has_chat_template)
-        want_offsets = response_chars is not None and any(c is not None for c in response_chars)
+        add_special = not (config.template in ("chat", "judge") and self._has_chat_template)
+        spans = [content_span(text, config.template) for text in texts]
+        want_offsets = any(span is not None for span in spans) or (
+            response_chars is not None and any(c is not None for c in response_chars))
         with self._tokenizer_lock:
             enc = self.tokenizer(list(texts), add_special_tokens=add_special, return_offsets_mapping=want_offsets)
         out = []
         for row, ids in enumerate(enc["input_ids"]):
             n = len(ids)
+            offsets = enc["offset_mapping"][row] if want_offsets else None
             start = 0
-            if want_offsets and response_chars[row] is not None:  # type: ignore[index]
-                char = response_chars[row]  # type: ignore[index]
-                start = next((t for t, (a, _b) in enumerate(enc["offset_mapping"][row]) if a >= char), 0)
+            if offsets is not None and response_chars is not None and response_chars[row] is not None:
+                char = response_chars[row]
+                start = next((t for t, (a, _b) in enumerate(offsets) if a >= char), 0)
             if n > config.max_length:
-                if config.truncation_side == "left":
-                    cut = n - config.max_length
+                cut = n - config.max_length
+                span = spans[row]
+                lo = hi = 0
+                if span is not None and offsets is not None:
+                    lo = next((t for t, (a, _b) in enumerate(offsets) if a >= span[0]), n)
+                    hi = next((t for t, (a, _b) in enumerate(offsets) if a >= span[1]), n)
+                if hi - lo >= cut:  # judge: drop content tokens, keep the instruction and the read-out
+                    a = lo if config.truncation_side == "left" else hi - cut
+                    ids = ids[:a] + ids[a + cut:]
+                    start = start - cut if start >= a + cut else (a if start >= a else start)
+                elif config.truncation_side == "left":
                     ids, start = ids[cut:], max(start - cut, 0)
                 else:
                     ids = ids[: config.max_length]

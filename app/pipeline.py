@@ -17,7 +17,7 @@ import orjson
 from app.artifacts import Manifest
 from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
 from app.items import Item, ItemError, parse_item, parse_label
-from app.quality import ThresholdPolicy, ThresholdError, choose_threshold, grouped_quality
+from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
 from app.subspace import FitError, MomentAccumulator, Subspace
 
 Progress = Callable[[int], None]
@@ -91,6 +91,8 @@ class FitOptions:
     center: str = "kind"
     standardize: bool = True
     shrinkage: float = 0.5
+    balance: str = "item"
+    nuisance: int = 0
     policy: ThresholdPolicy | None = None  # None: fpr:0.05 with labels, drop_rate:0.1 without
 
     def resolved(self, labelled: bool) -> FitOptions:
@@ -192,7 +194,10 @@ def fit_lines(
                 progress(len(chunk))
             kinds = [line.item.kind for line in chunk]  # type: ignore[union-attr]
             chunk_labels = [line.label for line in chunk]
-            acc.update(vectors, kinds, chunk_labels)
+            # One cell of d² sums per source only where the fit weighs sources; otherwise one per kind/label.
+            by_source = options.balance == "source" or options.nuisance > 0
+            sources = [str((line.obj or {}).get("source", "")) for line in chunk] if by_source else None
+            acc.update(vectors, kinds, chunk_labels, sources)
             spool.append(vectors)
             labels.extend(chunk_labels)
             meta["item_kind"].extend(kinds)
@@ -206,6 +211,8 @@ def fit_lines(
             center=options.center,  # type: ignore[arg-type]
             standardize=options.standardize,
             shrinkage=options.shrinkage,
+            balance=options.balance,  # type: ignore[arg-type]
+            nuisance=options.nuisance,
         ).fit_moments(acc)
         kinds_iter = iter(chunks(meta["item_kind"], 4096))
         scores = np.concatenate([subspace.score_samples(X, next(kinds_iter)) for X in spool.batches(4096)])
@@ -214,10 +221,11 @@ def fit_lines(
 
     y = np.asarray(labels, dtype=int) if labels and labels[0] is not None else None
     try:
-        threshold = choose_threshold(scores, y, options.policy)
+        threshold, thresholds = choose_thresholds(scores, y, meta["item_kind"], options.policy)
     except ThresholdError as err:
         raise FitError(str(err)) from None
-    quality = grouped_quality(y, scores, threshold, {"kind": meta["kind"], "source": meta["source"]}) if y is not None else {}
+    taus = np.asarray([thresholds.get(kind, threshold) for kind in meta["item_kind"]])
+    quality = grouped_quality(y, scores, taus, {"kind": meta["kind"], "source": meta["source"]}) if y is not None else {}
     manifest = Manifest(
         name=name,
         model_id=embedder.model_id,
@@ -228,9 +236,12 @@ def fit_lines(
         center=options.center,
         standardize=options.standardize,
         shrinkage=options.shrinkage,
+        balance=options.balance,
+        nuisance=options.nuisance,
         signed=bool(subspace.signed_),
         kinds=list(subspace.kinds_),
         threshold=threshold,
+        thresholds=thresholds,
         threshold_policy=options.policy,
         calibration={
             "path": calibration_path,
@@ -247,12 +258,13 @@ def fit_lines(
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """The verdict on one item."""
+    """The verdict on one item, and the τ that decided it (its kind's, or the caller's override)."""
 
     score: float
     verdict: str  # "keep" | "drop"
     truncated: bool
     n_tokens: int
+    threshold: float
 
 
 def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
@@ -263,7 +275,8 @@ def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
     if scored is None:
         rec["error"] = line.error
     else:
-        rec.update(score=scored.score, verdict=scored.verdict, truncated=scored.truncated, n_tokens=scored.n_tokens)
+        rec.update(score=scored.score, verdict=scored.verdict, threshold=scored.threshold, truncated=scored.truncated,
+                   n_tokens=scored.n_tokens)
     return rec
 
 
@@ -290,12 +303,13 @@ def score_encoded(
     vectors: np.ndarray,
     threshold: float | None = None,
 ) -> list[Scored]:
-    """Scores and verdicts for embedded items; ``threshold`` overrides the manifest's τ."""
-    tau = manifest.threshold if threshold is None else threshold
-    scores = subspace.score_samples(vectors, [item.kind for item in items])
+    """Scores and verdicts for embedded items, each against its kind's τ; ``threshold`` overrides them all."""
+    kinds = [item.kind for item in items]
+    scores = subspace.score_samples(vectors, kinds)
+    taus = [manifest.threshold_for(kind) if threshold is None else threshold for kind in kinds]
     return [
-        Scored(float(s), "drop" if s > tau else "keep", e.truncated, e.n_tokens)
-        for s, e in zip(scores, encoded, strict=True)
+        Scored(float(s), "drop" if s > tau else "keep", e.truncated, e.n_tokens, tau)
+        for s, e, tau in zip(scores, encoded, taus, strict=True)
     ]
 
 

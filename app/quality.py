@@ -87,11 +87,14 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
     return float(tprs[fprs <= fpr].max())
 
 
-def quality(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, Any]:
+Thresholds = float | Sequence[float] | np.ndarray  # one τ, or each item's own (its kind's)
+
+
+def quality(labels: Sequence[int], scores: Sequence[float], threshold: Thresholds) -> dict[str, Any]:
     """Ranking and verdict quality of ``scores`` against 0/1 ``labels``; NaN-free, JSON-ready."""
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=np.float64)
-    dropped = s > threshold
+    dropped = s > np.asarray(threshold, dtype=np.float64)
     tp = int((dropped & (y == 1)).sum())
     fp = int((dropped & (y == 0)).sum())
     fn = int((~dropped & (y == 1)).sum())
@@ -115,13 +118,34 @@ def quality(labels: Sequence[int], scores: Sequence[float], threshold: float) ->
 
 
 def grouped_quality(
-    labels: Sequence[int], scores: Sequence[float], threshold: float, groups: dict[str, Sequence[str]]
+    labels: Sequence[int], scores: Sequence[float], threshold: Thresholds, groups: dict[str, Sequence[str]]
 ) -> dict[str, Any]:
     """``quality`` overall and per value of each grouping (e.g. ``{"kind": [...], "source": [...]}``)."""
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=np.float64)
-    report: dict[str, Any] = {"overall": quality(y, s, threshold)}
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)
+    report: dict[str, Any] = {"overall": quality(y, s, t)}
     for name, values in groups.items():
         arr = np.asarray(values)
-        report[f"by_{name}"] = {str(v): quality(y[arr == v], s[arr == v], threshold) for v in sorted(set(arr.tolist()))}
+        report[f"by_{name}"] = {str(v): quality(y[arr == v], s[arr == v], t[arr == v]) for v in sorted(set(arr.tolist()))}
     return report
+
+
+def choose_thresholds(
+    scores: np.ndarray, labels: np.ndarray | None, kinds: Sequence[str], policy: ThresholdPolicy
+) -> tuple[float, dict[str, float]]:
+    """The single τ over all items and one τ per item kind, each by ``policy`` on that kind's items.
+
+    A kind the policy cannot be applied to (only one class among its items, say) gets no τ of its own
+    and is decided by the single one.
+    """
+    overall = choose_threshold(scores, labels, policy)
+    kinds_arr = np.asarray(kinds)
+    by_kind: dict[str, float] = {}
+    for kind in sorted(set(kinds_arr.tolist())):
+        m = kinds_arr == kind
+        try:
+            by_kind[str(kind)] = choose_threshold(np.asarray(scores)[m], None if labels is None else np.asarray(labels)[m], policy)
+        except ThresholdError:
+            continue
+    return overall, by_kind

@@ -31,7 +31,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _histograms(scores: np.ndarray, labels: np.ndarray | None, kinds: np.ndarray, threshold: float) -> str:
+def _histograms(scores: np.ndarray, labels: np.ndarray | None, kinds: np.ndarray, threshold: np.ndarray) -> str:
     groups = sorted(set(kinds.tolist()))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], groups, strict=True):
@@ -44,14 +44,15 @@ def _histograms(scores: np.ndarray, labels: np.ndarray | None, kinds: np.ndarray
                 sel = mask & (labels == lab)
                 if sel.any():
                     ax.hist(scores[sel], bins=bins, color=color, alpha=0.6, label=f"{name}, n={int(sel.sum())}")
-        ax.axvline(threshold, color="black", linestyle="--", label=f"τ = {threshold:.4g}")
+        for tau in sorted(set(threshold[mask].tolist())):  # the τ(s) its items were decided by
+            ax.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:.4g}")
         ax.set_title(f"score distribution: {kind}")
         ax.set_xlabel("score")
         ax.legend(fontsize=8)
     return _png(fig)
 
 
-def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold: float) -> str:
+def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold: np.ndarray) -> str:
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for kind in ["all", *sorted(set(kinds.tolist()))]:
         mask = np.ones_like(labels, dtype=bool) if kind == "all" else kinds == kind
@@ -62,7 +63,7 @@ def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold
         precision, recall, _ = precision_recall_curve(y, s)
         (line,) = roc_ax.plot(fpr, tpr, label=kind)
         pr_ax.plot(recall, precision, label=kind, color=line.get_color())
-        dropped = s > threshold
+        dropped = s > threshold[mask]
         roc_ax.scatter([(dropped & (y == 0)).sum() / max((y == 0).sum(), 1)], [(dropped & (y == 1)).sum() / max(y.sum(), 1)],
                        marker="o", s=25, color=line.get_color())
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
@@ -95,11 +96,12 @@ def write_report(
     scores: Sequence[float],
     labels: Sequence[int] | None,
     kinds: Sequence[str],
-    threshold: float,
+    threshold: float | Sequence[float],
     metrics: dict[str, Any] | None,
 ) -> Path:
-    """Write the HTML report atomically and return its path."""
+    """Write the HTML report atomically and return its path; ``threshold`` is one τ or each item's own."""
     s = np.asarray(scores, dtype=np.float64)
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)
     y = None if labels is None else np.asarray(labels, dtype=int)
     k = np.asarray(kinds)
     parts = [

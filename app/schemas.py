@@ -59,6 +59,7 @@ class ItemResult(BaseModel):
     id: str | int | None = None
     score: float
     verdict: Literal["keep", "drop"]
+    threshold: float = Field(description="The τ this item was decided by: its kind's (text / pair), or the request's override.")
     truncated: bool
     n_tokens: int
 
@@ -66,7 +67,8 @@ class ItemResult(BaseModel):
 class SubspaceRef(BaseModel):
     name: str
     version: str
-    threshold: float
+    threshold: float = Field(description="The request's override if any, else the version's single τ (kinds without their own).")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="τ per item kind in effect for this request.")
 
 
 class ScoreResponse(BaseModel):

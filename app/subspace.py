@@ -22,7 +22,7 @@ import numpy as np
 
 Method = Literal["saft", "lda"]
 Centering = Literal["global", "kind"]
-KINDS = ("text", "pair")
+Balance = Literal["item", "source"]
 _MIN_SCALE = 1e-6
 
 
@@ -43,18 +43,24 @@ class _Moments:
     S: np.ndarray  # Σ (f - shift)(f - shift)ᵀ, float64
 
 
+Cell = tuple[str, int | None, str]  # (item kind, label, source)
+
+
 @dataclass
 class MomentAccumulator:
-    """Streaming sufficient statistics per (kind, label) group: count, Σf, Σffᵀ in float64.
+    """Streaming sufficient statistics per (kind, label, source) cell: count, Σf, Σffᵀ in float64.
 
-    Memory is O(groups · d²), independent of the number of samples, so a fit streams.
+    Memory is O(cells · d²), independent of the number of samples, so a fit streams. The source is the
+    line's own ``source`` field ("" where it has none): one cell per source lets a fit weigh every source
+    alike, and a cross-validation drop whole sources without re-reading the data.
     """
 
     dim: int
     shift: np.ndarray | None = None
-    groups: dict[tuple[str, int | None], _Moments] = field(default_factory=dict)
+    groups: dict[Cell, _Moments] = field(default_factory=dict)
+    max_cells: int = 512  # each cell holds d² float64 sums (2.7 MB at d = 576)
 
-    def update(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None]) -> None:
+    def update(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None], sources: Sequence[str] | None = None) -> None:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise FitError(f"embeddings must have shape (n, {self.dim}), got {X.shape}")
@@ -63,11 +69,14 @@ class MomentAccumulator:
         if self.shift is None:
             self.shift = X.mean(axis=0)
         Xc = X - self.shift
-        keys = list(zip(kinds, labels, strict=True))
+        keys = list(zip(kinds, labels, sources if sources is not None else [""] * len(X), strict=True))
         for key in set(keys):
             rows = Xc[[i for i, k in enumerate(keys) if k == key]]
             m = self.groups.get(key)
             if m is None:
+                if len(self.groups) >= self.max_cells:
+                    raise FitError(f"more than {self.max_cells} distinct (kind, label, source) groups in the calibration "
+                                   "set; weigh items alike (balance=item) or give fewer distinct 'source' values")
                 m = self.groups[key] = _Moments(0, np.zeros(self.dim), np.zeros((self.dim, self.dim)))
             m.n += rows.shape[0]
             m.s += rows.sum(axis=0)
@@ -78,27 +87,39 @@ class MomentAccumulator:
         return sum(m.n for m in self.groups.values())
 
     def counts(self) -> dict[str, int]:
-        return {f"{kind}/{'unlabelled' if label is None else label}": m.n for (kind, label), m in sorted(self.groups.items(), key=str)}
+        """Samples per ``kind/label`` (sources summed)."""
+        out: dict[str, int] = {}
+        for (kind, label, _), m in self.groups.items():
+            key = f"{kind}/{'unlabelled' if label is None else label}"
+            out[key] = out.get(key, 0) + m.n
+        return dict(sorted(out.items()))
 
-    def kind_means(self) -> dict[str, np.ndarray]:
-        """Mean of each kind (shifted coordinates)."""
-        out: dict[str, np.ndarray] = {}
-        for kind in {k for k, _ in self.groups}:
-            parts = [m for (k, _), m in self.groups.items() if k == kind]
-            out[kind] = sum(m.s for m in parts) / sum(m.n for m in parts)
-        return out
+    def source_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, _, source), m in self.groups.items():
+            out[source] = out.get(source, 0) + m.n
+        return dict(sorted(out.items()))
 
-    def scatter(self, centers: dict[str, np.ndarray], label: int | None | Literal["any"] = "any") -> tuple[int, np.ndarray, np.ndarray]:
-        """(n, Σ(f − c), Σ(f − c)(f − c)ᵀ) over groups with ``label``, each kind about its center c."""
-        n, s, S = 0, np.zeros(self.dim), np.zeros((self.dim, self.dim))
-        for (kind, lab), m in self.groups.items():
-            if label != "any" and lab != label:
-                continue
-            c = centers[kind]
-            n += m.n
-            s += m.s - m.n * c
-            S += m.S - np.outer(m.s, c) - np.outer(c, m.s) + m.n * np.outer(c, c)
-        return n, s, S
+    def without(self, sources: set[str]) -> MomentAccumulator:
+        """The statistics of every cell but those of ``sources`` (a fold of a source-held-out evaluation)."""
+        kept = {key: m for key, m in self.groups.items() if key[2] not in sources}
+        return MomentAccumulator(self.dim, self.shift, kept, self.max_cells)
+
+    def weights(self, balance: Balance) -> dict[Cell, float]:
+        """Per-sample weight of each cell: 1 ("item"), or such that every source carries the same total
+        weight within its label while each label keeps its total ("source")."""
+        if balance == "item":
+            return {key: 1.0 for key in self.groups}
+        totals: dict[int | None, int] = {}
+        per_source: dict[tuple[int | None, str], int] = {}
+        for (_, label, source), m in self.groups.items():
+            totals[label] = totals.get(label, 0) + m.n
+            per_source[(label, source)] = per_source.get((label, source), 0) + m.n
+        n_sources = {label: sum(1 for (lab, _) in per_source if lab == label) for label in totals}
+        return {
+            (kind, label, source): totals[label] / n_sources[label] / per_source[(label, source)]
+            for (kind, label, source) in self.groups
+        }
 
 
 def _svd_flip(components: np.ndarray) -> np.ndarray:
@@ -120,6 +141,11 @@ class Subspace:
         standardize: divide each dimension by its calibration standard deviation (a few LLM
             hidden dimensions are orders of magnitude larger than the rest and would own the SVD).
         shrinkage: ridge weight (0..1) of the within-class covariance for "lda".
+        balance: "item" weighs every calibration sample alike; "source" gives every source the same
+            total weight within its label, so a large source cannot define a class (what a discriminant
+            then learns is harm, not which benchmark an item comes from).
+        nuisance: for "lda", the number of directions along which the benign sources' means differ
+            (format, topic, provenance) that are projected out before the discriminant; 0 keeps all.
     """
 
     def __init__(
@@ -129,53 +155,84 @@ class Subspace:
         center: Centering = "global",
         standardize: bool = True,
         shrinkage: float = 0.1,
+        balance: Balance = "item",
+        nuisance: int = 0,
     ) -> None:
         self.k = k
         self.method = method
         self.center = center
         self.standardize = standardize
         self.shrinkage = shrinkage
+        self.balance = balance
+        self.nuisance = nuisance
+
+    def get_params(self) -> dict[str, object]:
+        """The constructor's parameters (as scikit-learn's ``get_params``): what a manifest stores."""
+        return {"k": self.k, "method": self.method, "center": self.center, "standardize": self.standardize,
+                "shrinkage": self.shrinkage, "balance": self.balance, "nuisance": self.nuisance}
 
     # ----------------------------------------------------------------------------- fit
-    def fit(self, X: np.ndarray, kinds: Sequence[str] | None = None, labels: Sequence[int | None] | None = None) -> Subspace:
+    def fit(self, X: np.ndarray, kinds: Sequence[str] | None = None, labels: Sequence[int | None] | None = None,
+            sources: Sequence[str] | None = None) -> Subspace:
         """Fit on an in-memory matrix; equivalent to streaming it through ``fit_moments``."""
         X = np.asarray(X)
         acc = MomentAccumulator(X.shape[1])
-        acc.update(X, kinds or ["text"] * len(X), labels if labels is not None else [None] * len(X))
+        acc.update(X, kinds or ["text"] * len(X), labels if labels is not None else [None] * len(X), sources)
         return self.fit_moments(acc)
 
-    def fit_moments(self, acc: MomentAccumulator) -> Subspace:
-        """Fit from streamed moments: memory O(d²), whatever the number of calibration samples."""
+    def _check_params(self) -> None:
         if self.method not in ("saft", "lda"):
             raise FitError(f"method must be 'saft' or 'lda', got {self.method!r}")
         if self.center not in ("global", "kind"):
             raise FitError(f"center must be 'global' or 'kind', got {self.center!r}")
+        if self.balance not in ("item", "source"):
+            raise FitError(f"balance must be 'item' or 'source', got {self.balance!r}")
         if not 0.0 <= self.shrinkage <= 1.0:
             raise FitError(f"shrinkage must be within [0, 1], got {self.shrinkage}")
         if self.k < 1:
             raise FitError(f"k must be at least 1, got {self.k}")
+        if self.nuisance < 0:
+            raise FitError(f"nuisance must be 0 or more, got {self.nuisance}")
+
+    def fit_moments(self, acc: MomentAccumulator) -> Subspace:
+        """Fit from streamed moments: memory O(d²), whatever the number of calibration samples."""
+        self._check_params()
         n_total = acc.n
         if acc.shift is None or n_total < 2:
             raise FitError(f"calibration set has {n_total} samples; at least 2 are needed")
         d = acc.dim
         shift = acc.shift
-        total_mean = sum(m.s for m in acc.groups.values()) / n_total  # shifted coordinates
+        weight = acc.weights(self.balance)
+        # Weighted sums per cell: (w·n, w·Σf, w·Σffᵀ) in shifted coordinates.
+        cells = {key: (weight[key] * m.n, weight[key] * m.s, weight[key] * m.S) for key, m in acc.groups.items()}
+        n_w = sum(c[0] for c in cells.values())
+        total_mean = sum(c[1] for c in cells.values()) / n_w
+        kinds = sorted({key[0] for key in cells})
         if self.center == "kind":
-            centers = acc.kind_means()
+            centers = {k: sum(c[1] for key, c in cells.items() if key[0] == k) / sum(c[0] for key, c in cells.items() if key[0] == k)
+                       for k in kinds}
         else:
-            centers = {kind: total_mean for kind, _ in acc.groups}
-        n, _, S = acc.scatter(centers)
-        variances = np.clip(np.diag(S) / n, 0.0, None)
+            centers = {k: total_mean for k in kinds}
+
+        def about(key: Cell) -> tuple[float, np.ndarray, np.ndarray]:
+            """A cell's weighted sums about its kind's center."""
+            w_n, w_s, w_S = cells[key]
+            c = centers[key[0]]
+            return w_n, w_s - w_n * c, w_S - np.outer(w_s, c) - np.outer(c, w_s) + w_n * np.outer(c, c)
+
+        centered = {key: about(key) for key in cells}
+        S = sum(c[2] for c in centered.values())
+        variances = np.clip(np.diag(S) / n_w, 0.0, None)
         scale = np.maximum(np.sqrt(variances), _MIN_SCALE) if self.standardize else np.ones(d)
         inv = 1.0 / scale
 
         if self.method == "saft":
             n_centers = len(centers) if self.center == "kind" else 1
-            rank_bound = min(n - n_centers, d)
+            rank_bound = min(n_total - n_centers, d)
             if self.k > rank_bound:
                 raise FitError(
                     f"k={self.k} exceeds the rank of the centered calibration matrix (at most {rank_bound} "
-                    f"for {n} samples in {n_centers} center(s), dimension {d}); use a smaller k or more data"
+                    f"for {n_total} samples in {n_centers} center(s), dimension {d}); use a smaller k or more data"
                 )
             gram = S * np.outer(inv, inv)  # FᵀF of the centered, standardized matrix
             eigvals, eigvecs = np.linalg.eigh(gram)
@@ -187,29 +244,10 @@ class Subspace:
             singular_values = np.sqrt(top)
             signed = False
         else:
-            labelled = {lab for _, lab in acc.groups}
-            if not {0, 1} <= labelled:
-                raise FitError("method 'lda' needs labelled calibration data with both label 0 and label 1")
-            if None in labelled:
-                raise FitError("method 'lda' needs every calibration line labelled (found unlabelled lines)")
-            stats = {lab: acc.scatter(centers, lab) for lab in (0, 1)}
-            within = np.zeros((d, d))
-            means = {}
-            for lab, (n_c, s_c, S_c) in stats.items():
-                means[lab] = s_c / n_c
-                within += S_c - n_c * np.outer(means[lab], means[lab])
-            within = within * np.outer(inv, inv) / n
-            ridge = np.trace(within) / d
-            cov = (1 - self.shrinkage) * within + self.shrinkage * ridge * np.eye(d)
-            direction = np.linalg.solve(cov, (means[1] - means[0]) * inv)
-            norm = float(np.linalg.norm(direction))
-            if not np.isfinite(norm) or norm == 0.0:
-                raise FitError("the two classes have identical means; no discriminant direction exists")
-            components = (direction / norm)[None, :]
-            singular_values = np.array([norm])
+            components, singular_values = self._discriminant(centered, n_w, inv)
             signed = True
 
-        self.kinds_ = tuple(sorted(centers))
+        self.kinds_ = tuple(kinds)
         self.kind_means_ = np.stack([centers[k] + shift for k in self.kinds_]).astype(np.float32)
         self.mean_ = (total_mean + shift).astype(np.float32)
         self.scale_ = scale.astype(np.float32)
@@ -219,6 +257,50 @@ class Subspace:
         self.n_samples_ = n_total
         self.n_features_in_ = d
         return self
+
+    def _discriminant(self, centered: dict[Cell, tuple[float, np.ndarray, np.ndarray]], n_w: float,
+                      inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shrinkage LDA direction (standardized space), with the benign sources' spread projected out."""
+        labelled = {key[1] for key in centered}
+        if not {0, 1} <= labelled:
+            raise FitError("method 'lda' needs labelled calibration data with both label 0 and label 1")
+        if None in labelled:
+            raise FitError("method 'lda' needs every calibration line labelled (found unlabelled lines)")
+        d = inv.shape[0]
+        within = np.zeros((d, d))
+        means = {}
+        for lab in (0, 1):
+            parts = [c for key, c in centered.items() if key[1] == lab]
+            n_c = sum(p[0] for p in parts)
+            s_c = sum(p[1] for p in parts)
+            means[lab] = s_c / n_c
+            within += sum(p[2] for p in parts) - n_c * np.outer(means[lab], means[lab])
+        within = within * np.outer(inv, inv) / n_w
+        delta = (means[1] - means[0]) * inv
+        project = None
+        if self.nuisance:
+            sources = sorted({key[2] for key in centered if key[1] == 0})
+            rows = []
+            for source in sources:
+                parts = [c for key, c in centered.items() if key[1] == 0 and key[2] == source]
+                rows.append(sum(p[1] for p in parts) / sum(p[0] for p in parts) * inv)
+            if len(rows) <= self.nuisance:
+                raise FitError(f"nuisance={self.nuisance} needs more than {self.nuisance} benign sources; the "
+                               f"calibration set has {len(rows)} (a 'source' field on each line names them)")
+            M = np.stack(rows)
+            U = np.linalg.svd(M - M.mean(axis=0), full_matrices=False)[2][: self.nuisance].T
+            project = np.eye(d) - U @ U.T
+            within = project @ within @ project
+            delta = project @ delta
+        ridge = np.trace(within) / d
+        cov = (1 - self.shrinkage) * within + self.shrinkage * ridge * np.eye(d)
+        direction = np.linalg.solve(cov, delta)
+        if project is not None:
+            direction = project @ direction
+        norm = float(np.linalg.norm(direction))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise FitError("the two classes have identical means; no discriminant direction exists")
+        return (direction / norm)[None, :], np.array([norm])
 
     # ----------------------------------------------------------------------------- score
     def _check_fitted(self) -> None:

@@ -79,16 +79,21 @@ def test_score_matches_core_and_names_version(served, embedder: Embedder, dev_ro
     response = httpx.post(f"{url}/score", json=body, headers=C, timeout=120)
     assert response.status_code == 200, response.text
     data = response.json()
-    assert data["subspace"] == {"name": "apitest", "version": "v1", "threshold": snapshot.manifest.threshold}
+    m = snapshot.manifest
+    # The fit chose a τ per item kind (max_f1 on each kind's calibration items); both are reported.
+    assert set(m.thresholds) == {"text", "pair"} and m.thresholds["text"] != m.thresholds["pair"]
+    assert data["subspace"] == {"name": "apitest", "version": "v1", "threshold": m.threshold, "thresholds": m.thresholds}
     got = np.array([r["score"] for r in data["results"]])
     assert [r["id"] for r in data["results"]] == list(range(len(objs)))
     # Scored inside a mixed-length server batch, equal to each item embedded alone in-process.
     assert np.abs(got - _expected(embedder, snapshot, objs)).max() <= 1e-4 * np.abs(got).max()
-    for r in data["results"]:
-        assert r["verdict"] == ("drop" if r["score"] > snapshot.manifest.threshold else "keep")
+    for obj, r in zip(objs, data["results"], strict=True):
+        tau = m.thresholds[parse_item(obj).kind]  # each item is decided by its own kind's τ, and says which
+        assert r["threshold"] == tau and r["verdict"] == ("drop" if r["score"] > tau else "keep")
         assert r["n_tokens"] > 0 and isinstance(r["truncated"], bool)
     low = httpx.post(f"{url}/score", json={**body, "threshold": -1e30}, headers=C, timeout=120).json()
     assert {r["verdict"] for r in low["results"]} == {"drop"} and low["subspace"]["threshold"] == -1e30
+    assert {r["threshold"] for r in low["results"]} == {-1e30} and set(low["subspace"]["thresholds"].values()) == {-1e30}
 
 
 def test_concurrent_clients_get_batch_independent_scores(served, embedder: Embedder, dev_rows: list[dict]) -> None:

@@ -21,6 +21,7 @@ from app.artifacts import (
     set_active,
     version_files,
 )
+from app.config import PROJECT_ROOT
 from app.embedding import Embedder, EmbeddingConfig
 from app.quality import ThresholdPolicy
 from app.subspace import Subspace
@@ -124,3 +125,20 @@ def test_rendered_version_installs_atomically_once_and_is_immutable(tmp_path: Pa
     assert [p.name for p in (tmp_path / "demo").iterdir()] == ["v7"]  # no temp dirs left behind
     save_version(tmp_path, sub, _manifest())
     assert list_versions(tmp_path, "demo") == ["v7", "v8"]  # local numbering continues above installed versions
+
+
+def test_per_kind_thresholds_and_fit_parameters_round_trip_and_old_manifests_still_load(tmp_path: Path) -> None:
+    sub, X = _fitted()
+    manifest = _manifest()
+    manifest.thresholds, manifest.balance, manifest.nuisance = {"text": 0.5, "pair": 2.5}, "source", 3
+    save_version(tmp_path, sub, manifest)
+    loaded, back = load_version(tmp_path, "demo")
+    assert back.thresholds == {"text": 0.5, "pair": 2.5} and (back.balance, back.nuisance) == ("source", 3)
+    assert (loaded.balance, loaded.nuisance) == ("source", 3)
+    assert back.threshold_for("pair") == 2.5 and back.threshold_for("text") == 0.5
+    on_disk = json.loads((tmp_path / "demo" / "v1" / "manifest.json").read_text())
+    assert on_disk["threshold"]["by_kind"] == {"text": 0.5, "pair": 2.5} and on_disk["subspace"]["balance"] == "source"
+    # A manifest written before per-kind τ (the committed default/v1 and v2): one τ for every kind, items weighed alike.
+    old = Manifest.from_json(json.loads((PROJECT_ROOT / "models" / "default" / "v2" / "manifest.json").read_text()))
+    assert old.thresholds == {} and old.threshold_for("pair") == old.threshold_for("text") == old.threshold
+    assert (old.balance, old.nuisance) == ("item", 0)

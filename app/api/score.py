@@ -111,7 +111,9 @@ class UploadStreamingResponse(StreamingResponse):
 
 def _ref(snapshot: ActiveSubspace, threshold: float | None) -> SubspaceRef:
     m = snapshot.manifest
-    return SubspaceRef(name=m.name, version=m.version, threshold=m.threshold if threshold is None else threshold)
+    kinds = sorted({"text", "pair", *m.thresholds})
+    return SubspaceRef(name=m.name, version=m.version, threshold=m.threshold if threshold is None else threshold,
+                       thresholds={k: m.threshold_for(k) if threshold is None else threshold for k in kinds})
 
 
 @router.post("/score", response_model=ScoreResponse, summary="Score items: a score and a keep/drop verdict each")
@@ -125,7 +127,8 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
     snapshot = service.snapshot()
     results = await service.score(items, snapshot, body.threshold)
     return ScoreResponse(
-        results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, truncated=r.truncated, n_tokens=r.n_tokens)  # type: ignore[arg-type]
+        results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, threshold=r.threshold, truncated=r.truncated,
+                                n_tokens=r.n_tokens)  # type: ignore[arg-type]
                  for it, r in zip(body.items, results, strict=True)],
         subspace=_ref(snapshot, body.threshold),
     )
@@ -213,7 +216,7 @@ async def filter_stream(
                 counts["kept" if s.verdict == "keep" else "dropped"] += 1
                 if emit == "all" or (emit == "kept") == (s.verdict == "keep"):
                     rec = {"line": line.number, "id": (line.obj or {}).get("id"), "verdict": s.verdict, "score": s.score,
-                           "truncated": s.truncated, "n_tokens": s.n_tokens, "item": line.obj}
+                           "threshold": s.threshold, "truncated": s.truncated, "n_tokens": s.n_tokens, "item": line.obj}
                     yield orjson.dumps(rec) + b"\n"
             pending.clear()
 

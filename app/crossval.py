@@ -1,0 +1,101 @@
+"""Source-held-out evaluation: how a fit does on data from sources it was never fitted on.
+
+Owns the folds and their report. Each source (or each family of similar sources) is held out in turn: the
+subspace is fitted on every other one with the same options as ``saft fit``, its per-kind τ chosen by the
+fit's policy on those training items, and the held-out items are scored. Near-duplicates share a ``group``;
+a group never straddles a fold (a held-out item's group is left out of that fold's training too). Works on
+embedded vectors only: numpy, no model, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from app.pipeline import FitOptions
+from app.quality import choose_thresholds, grouped_quality
+from app.subspace import FitError, Subspace
+
+FoldBy = Literal["source", "family"]
+
+
+@dataclass
+class EmbeddedPool:
+    """Labelled, embedded lines: one row each."""
+
+    vectors: np.ndarray  # (n, d) float32
+    labels: np.ndarray  # (n,) 0/1
+    item_kinds: list[str]  # text / pair: what the subspace centers and thresholds by
+    kinds: list[str]  # the data's own kind field where present (prompt / text / pair): what is reported
+    sources: list[str]
+    groups: list[str]
+
+
+def fit_subspace(options: FitOptions, X: np.ndarray, item_kinds: Sequence[str], labels: Sequence[int], sources: Sequence[str]) -> Subspace:
+    """The subspace ``saft fit`` would publish for these rows (labelled)."""
+    opts = options.resolved(labelled=True)
+    by_source = opts.balance == "source" or opts.nuisance > 0
+    return Subspace(k=opts.k, method=opts.method, center=opts.center, standardize=opts.standardize,  # type: ignore[arg-type]
+                    shrinkage=opts.shrinkage, balance=opts.balance, nuisance=opts.nuisance).fit(  # type: ignore[arg-type]
+        X, item_kinds, list(labels), sources if by_source else None)
+
+
+def crossval(
+    pool: EmbeddedPool,
+    options: FitOptions,
+    *,
+    by: FoldBy = "source",
+    families: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Hold out each source (``by="source"``) or family (``"family"``: ``families`` maps source → family; a
+    source it does not name is a family of its own) in turn; report the pooled out-of-fold quality per kind
+    and, per source, the share dropped (benign items) and caught (harmful ones) at the fold's τ."""
+    if by not in ("source", "family"):
+        raise FitError(f"crossval: by must be 'source' or 'family', got {by!r}")
+    policy = options.resolved(labelled=True).policy
+    assert policy is not None
+    sources = np.asarray(pool.sources)
+    units = sources if by == "source" else np.asarray([(families or {}).get(s, s) for s in pool.sources])
+    groups = np.asarray(pool.groups)
+    item_kinds = np.asarray(pool.item_kinds)
+    if len(set(units.tolist())) < 2:
+        raise FitError(f"crossval needs at least 2 {by}s; the data has {len(set(units.tolist()))} (give each line a 'source')")
+    scores = np.full(len(pool.labels), np.nan)
+    taus = np.full(len(pool.labels), np.nan)
+    folds = []
+    for unit in sorted(set(units.tolist())):
+        test = units == unit
+        train = ~test & ~np.isin(groups, np.unique(groups[test]))
+        y_train = pool.labels[train]
+        if len(set(y_train.tolist())) < 2:
+            raise FitError(f"crossval: without {by} {unit!r} the training data has only label {y_train[0]}")
+        sub = fit_subspace(options, pool.vectors[train], item_kinds[train].tolist(), y_train.tolist(), sources[train].tolist())
+        train_scores = sub.score_samples(pool.vectors[train], item_kinds[train].tolist())
+        overall, by_kind = choose_thresholds(train_scores, y_train, item_kinds[train].tolist(), policy)
+        scores[test] = sub.score_samples(pool.vectors[test], item_kinds[test].tolist())
+        taus[test] = [by_kind.get(k, overall) for k in item_kinds[test]]
+        folds.append({"held_out": unit, "n_test": int(test.sum()), "n_train": int(train.sum()),
+                      "n_left_out_near_duplicates": int((~test & ~train).sum()), "thresholds": by_kind})
+        if progress is not None:
+            progress(unit)
+    metrics = grouped_quality(pool.labels, scores, taus, {"kind": pool.kinds, "source": pool.sources})
+    return {"by": by, "n_folds": len(folds), "n": len(pool.labels), "metrics": metrics, "folds": folds,
+            "scores": scores, "thresholds": taus, **worst_sources(metrics["by_source"])}
+
+
+def worst_sources(by_source: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The benign source with the largest share dropped and the harmful one with the smallest share caught."""
+    benign = [(m["fpr_at_threshold"], s) for s, m in by_source.items() if m["n"] > m["n_harmful"]]
+    harmful = [(m["recall"], s) for s, m in by_source.items() if m["n_harmful"] > 0]
+    out: dict[str, Any] = {}
+    if benign:
+        rate, source = max(benign)
+        out["worst_benign_source"] = {"source": source, "dropped": rate}
+    if harmful:
+        rate, source = min(harmful)
+        out["worst_harmful_source"] = {"source": source, "caught": rate}
+    return out
