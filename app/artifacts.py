@@ -22,6 +22,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save, save_file
 
+from app.calibration import CalibrationError
+from app.calibration import check as check_calibration
 from app.embedding import Embedder, EmbeddingConfig
 from app.quality import ThresholdPolicy
 from app.subspace import Subspace
@@ -65,6 +67,9 @@ class Manifest:
     version: str = ""
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+    #: score → P(harmful) per item kind (``app.calibration``), fitted on labelled calibration items; None for
+    #: unlabelled fits and every version before calibrated probabilities (their manifests have no "probability").
+    probability: dict[str, Any] | None = None
 
     def threshold_for(self, kind: str) -> float:
         """The τ that decides an item of ``kind``: its own where the fit chose one, else the single τ."""
@@ -93,6 +98,7 @@ class Manifest:
                           **({"by_kind": self.thresholds} if self.thresholds else {})},
             "calibration": self.calibration,
             "quality": self.quality,
+            **({"probability": self.probability} if self.probability is not None else {}),
         }
 
     @classmethod
@@ -121,6 +127,7 @@ class Manifest:
                 thresholds={str(k): float(v) for k, v in data["threshold"].get("by_kind", {}).items()},
                 calibration=data["calibration"],
                 quality=data.get("quality", {}),
+                probability=data.get("probability"),
             )
         except (KeyError, TypeError) as err:
             raise ArtifactError(f"manifest is malformed: missing or wrong field {err}") from None
@@ -341,6 +348,11 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
         raise ArtifactError(f"subspace {name}/{version}: {MANIFEST} is not valid JSON ({err})") from None
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{name}/{version} has format {manifest.format_version}; this build reads {FORMAT_VERSION}")
+    if manifest.probability is not None:
+        try:  # refused here, at load, rather than failing every request it scores
+            check_calibration(manifest.probability)
+        except CalibrationError as err:
+            raise ArtifactError(f"subspace {name}/{version}: {err}") from None
     try:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError) as err:  # corrupt or foreign (a pickle is never loaded)

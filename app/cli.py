@@ -9,7 +9,7 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -21,11 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.artifacts import ArtifactError, check_compatible, load_version, save_version
+from app.calibration import calibration_error, probability
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
 from app.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
+from app.items import SHAPES, ItemError, parse_columns
+from app.lines import ParquetRowWriter, open_records, record_format, write_parquet_rows
 from app.pipeline import (
     DEFAULT_FIT_EMBEDDING,
+    TABLE_COLUMNS,
     EmbedFn,
     FitOptions,
     Line,
@@ -33,9 +37,12 @@ from app.pipeline import (
     direct_embed,
     filter_record,
     fit_lines,
+    json_default,
     line_record,
-    read_lines,
+    read_file,
     score_lines,
+    single_sample,
+    table_row,
 )
 from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
 from app.report import write_report
@@ -63,8 +70,12 @@ def _progress(description: str, total: int | None) -> Iterator[Any]:
 
 
 def _count_lines(path: Path) -> int:
-    with path.open("rb") as fh:
-        return sum(1 for raw in fh if raw.strip())
+    """Rows of a data file, for progress bars: a Parquet file's from its footer, others by one pass (not decoded)."""
+    if record_format(path)[0] == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    return sum(1 for _ in open_records(path))
 
 
 def _load_embedder(model: str | None) -> Embedder:
@@ -114,7 +125,24 @@ BalanceOpt = Annotated[str, typer.Option(help="item (every line weighs the same)
 NuisanceOpt = Annotated[int, typer.Option(min=0, help="lda: directions of between-benign-source spread projected out.")]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without); chosen per item kind")]
 EmbeddingsOpt = Annotated[Path | None, typer.Option("--embeddings", help="Embedding file (saft embed): lines it holds are not embedded again; new ones are added to it.")]
-DataArg = Annotated[list[Path], typer.Argument(help="JSONL files (labelled or not); several are read as one set.", exists=True, dir_okay=False)]
+DataArg = Annotated[list[Path], typer.Argument(help="Data files (.jsonl[.gz|.zst], .json, .parquet; labelled or not); several are read as one set.", exists=True, dir_okay=False)]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto (each row's shape from its keys) | " + " | ".join(SHAPES))]
+ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="Key mapping, saft's name=yours: prompt=question,response=answer")]
+
+
+def _reading(shape: str, columns: str | None) -> tuple[str, dict[str, str] | None]:
+    """``--format`` and ``--columns`` checked, as ``read_file`` takes them."""
+    if shape != "auto" and shape not in SHAPES:
+        raise ItemError("--format", f"must be auto or one of {', '.join(SHAPES)}, got {shape!r}")
+    return shape, parse_columns(columns) if columns else None
+
+
+def _shapes(lines: Iterator[Line], counts: dict[str, int]) -> Iterator[Line]:
+    """``lines`` unchanged, counting the shape each valid row was read as into ``counts`` (for the summary)."""
+    for line in lines:
+        if line.shape is not None:
+            counts[line.shape] = counts.get(line.shape, 0) + 1
+        yield line
 
 
 def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str, k: int,
@@ -126,14 +154,14 @@ def _fit_options(layers: str, pooling: str, template: str, max_length: int, trun
     )
 
 
-def _read_files(paths: Sequence[Path]) -> Iterator[Line]:
-    """The lines of several files as one stream; with more than one file, each error names its file."""
+def _read_files(paths: Sequence[Path], shape: str = "auto", columns: dict[str, str] | None = None) -> Iterator[Line]:
+    """The rows of several files (any format ``read_file`` reads) as one stream; with more than one file, each error
+    names its file."""
     for path in paths:
-        with path.open("rb") as fh:
-            for line in read_lines(fh):
-                if len(paths) > 1 and line.error is not None:
-                    line = Line(line.number, line.obj, line.item, line.label, f"{path.name}: {line.error}")
-                yield line
+        for line in read_file(path, shape, columns):  # type: ignore[arg-type]
+            if len(paths) > 1 and line.error is not None:
+                line = Line(line.number, line.obj, line.item, line.label, f"{path.name}: {line.error}")
+            yield line
 
 
 def _embed_fn(embedder: Embedder, config: EmbeddingConfig, embeddings: Path | None) -> tuple[EmbedFn, StoredEmbed | None]:
@@ -172,6 +200,8 @@ def fit(
     nuisance: NuisanceOpt = _FIT.nuisance,
     threshold_policy: PolicyOpt = None,
     embeddings: EmbeddingsOpt = None,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
     activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first invalid line instead of rejecting it.")] = False,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
@@ -186,7 +216,7 @@ def fit(
         embed, stored = _embed_fn(embedder, options.embedding, embeddings)
         with _progress("embedding calibration", sum(_count_lines(p) for p in calibration)) as advance:
             result = fit_lines(
-                embedder, _read_files(calibration), options, name=name, calibration_digest=sha256_files(calibration),
+                embedder, _read_files(calibration, *_reading(shape, columns)), options, name=name, calibration_digest=sha256_files(calibration),
                 calibration_path=",".join(p.name for p in calibration), progress=advance, embed=embed, strict=strict,
             )
         _save_embeddings(stored, embeddings)
@@ -198,6 +228,8 @@ def fit(
         report, title=f"saft fit: {name}/{manifest.version}", summary=_summary(manifest), scores=result.scores,
         labels=result.labels, kinds=result.meta["kind"], threshold=[manifest.threshold_for(k) for k in result.meta["item_kind"]],
         metrics=manifest.quality.get("calibration"),
+        probabilities=None if manifest.probability is None
+        else probability(manifest.probability, result.scores, result.meta["item_kind"]),
     )
     typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold,
                            "thresholds": manifest.thresholds, "active": activate,
@@ -216,6 +248,8 @@ def embed(
     template: TemplateOpt = _FIT.embedding.template,
     max_length: MaxLengthOpt = _FIT.embedding.max_length,
     truncation_side: TruncationOpt = _FIT.embedding.truncation_side,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Embed every valid line once into an embedding file, for later fit / crossval / eval runs (--embeddings)."""
     try:
@@ -225,9 +259,9 @@ def embed(
         assert stored is not None
         rejected = 0
         with _progress("embedding", sum(_count_lines(p) for p in data)) as advance:
-            for chunk in chunks(_read_files(data), 256):
-                valid = [line.item for line in chunk if line.item is not None]
-                rejected += len(chunk) - len(valid)
+            for chunk in chunks(_read_files(data, *_reading(shape, columns)), 256):
+                valid = [item for line in chunk for item in line.items]  # a preference row: both sides
+                rejected += sum(line.item is None for line in chunk)
                 if valid:
                     embed_fn(valid, stored.store.config)  # type: ignore[arg-type]
                 advance(len(chunk))
@@ -258,6 +292,8 @@ def crossval_(
     nuisance: NuisanceOpt = _FIT.nuisance,
     threshold_policy: PolicyOpt = None,
     embeddings: EmbeddingsOpt = None,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/crossval-BY.html).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here too.")] = None,
 ) -> None:
@@ -280,9 +316,10 @@ def crossval_(
         embed_fn, stored = _embed_fn(embedder, config, embeddings)
         vectors, labels, item_kinds, kinds, sources, groups, rejected = [], [], [], [], [], [], []
         with _progress("embedding", sum(_count_lines(p) for p in data)) as advance:
+            reading = _reading(shape, columns)
             for path in data:
-                with path.open("rb") as fh:
-                    for chunk in chunks(read_lines(fh), 256):
+                with closing(read_file(path, *reading)) as rows:  # type: ignore[arg-type]
+                    for chunk in chunks(map(single_sample, rows), 256):
                         valid = [line for line in chunk if line.item is not None and line.label is not None]
                         rejected += [f"{path.name} line {line.number}: {line.error or 'label: missing (crossval needs label 0/1)'}"
                                      for line in chunk if line.item is None or line.label is None]
@@ -351,28 +388,33 @@ def _open_out(path: Path | None) -> IO[bytes]:
 
 @app.command()
 def score(
-    input: Annotated[Path, typer.Argument(help="JSONL of items.", exists=True, dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Items: .jsonl[.gz|.zst], .json or .parquet.", exists=True, dir_okay=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL out (default stdout).")] = None,
     name: NameOpt = None,
     version: VersionOpt = None,
     threshold: ThresholdOpt = None,
     url: Annotated[str | None, typer.Option(help="Score through a running saft service instead of in-process.")] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token for --url.")] = None,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Score every line: one output line per input line, with score and verdict or the error."""
     out = _open_out(output)
+    shapes: dict[str, int] = {}
     try:
+        lines = _shapes(read_file(input, *_reading(shape, columns)), shapes)  # type: ignore[arg-type]
         if url:
             from app.client import SaftClient
 
-            with input.open("rb") as fh, SaftClient(url, token=token) as client:
-                for rec in client.score_lines(read_lines(fh), threshold=threshold):
-                    out.write(orjson.dumps(rec) + b"\n")
-            return
-        embedder, subspace, manifest = _load_scoring(name, version, None)
-        with input.open("rb") as fh, _progress("scoring", _count_lines(input)) as advance:
-            for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
-                out.write(orjson.dumps(line_record(line, scored)) + b"\n")
+            with SaftClient(url, token=token) as client:
+                for rec in client.score_lines(lines, threshold=threshold):
+                    out.write(orjson.dumps(rec, default=json_default) + b"\n")
+        else:
+            embedder, subspace, manifest = _load_scoring(name, version, None)
+            with _progress("scoring", _count_lines(input)) as advance:
+                for line, scored in score_lines(subspace, manifest, lines, _direct(embedder), threshold=threshold, progress=advance):
+                    out.write(orjson.dumps(line_record(line, scored), default=json_default) + b"\n")
+        err.print("shapes: " + (", ".join(f"{k} {v}" for k, v in sorted(shapes.items())) or "none (no valid row)"))
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     finally:
@@ -382,11 +424,11 @@ def score(
 
 @app.command(name="filter")
 def filter_(
-    input: Annotated[Path, typer.Argument(help="JSONL of items; with --engine ray also a directory of *.jsonl shards or a glob.")],
-    kept: Annotated[Path | None, typer.Option(help="Kept lines, unchanged (default kept.jsonl; ray: directory kept/).")] = None,
-    dropped: Annotated[Path | None, typer.Option(help="Dropped lines with their score (default dropped.jsonl; ray: dropped/).")] = None,
+    input: Annotated[Path, typer.Argument(help="Items (.jsonl[.gz|.zst], .json, .parquet); with --engine ray also a directory of shards or a glob.")],
+    kept: Annotated[Path | None, typer.Option(help="Kept lines, unchanged (default kept.jsonl; *.parquet: Parquet; ray: directory kept/).")] = None,
+    dropped: Annotated[Path | None, typer.Option(help="Dropped lines with their score (default dropped.jsonl; *.parquet: rows + saft_* columns; ray: dropped/).")] = None,
     rejected: Annotated[Path | None, typer.Option(help="Invalid lines: line number, reason, raw object (default rejected.jsonl; ray: rejected/).")] = None,
-    scores: Annotated[Path | None, typer.Option(help="Also every line's score record, as 'saft score' writes it (ray: a directory).")] = None,
+    scores: Annotated[Path | None, typer.Option(help="Also every line's score record, as 'saft score' writes it (*.parquet: every input row + saft_score, saft_verdict, saft_kind; ray: a directory).")] = None,
     summary: Annotated[Path | None, typer.Option(help="Summary JSON (also printed).")] = None,
     name: NameOpt = None,
     version: VersionOpt = None,
@@ -397,13 +439,18 @@ def filter_(
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="ray: GPUs per actor (default: 1 when the cluster has GPUs).")] = None,
     batch_lines: Annotated[int, typer.Option(min=1, help="ray: lines per actor call.")] = 256,
     ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (default: RAY_ADDRESS, else a local cluster).")] = None,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
 ) -> None:
-    """Split a dataset into kept / dropped / rejected files; every input line lands in exactly one."""
+    """Split a dataset into kept / dropped / rejected files; every input line lands in exactly one.
+
+    A preference row ({prompt, chosen, rejected}) is scored side by side and dropped when its chosen side is."""
     if engine not in ("local", "ray"):
         raise _fail(f"--engine: {engine!r} is not one of local, ray")
     if engine == "local" and not input.is_file():
         raise _fail(f"input: {input} is not a file (a directory or glob of shards needs --engine ray)")
     try:
+        reading = _reading(shape, columns)
         if engine == "ray":
             from app.ray_engine import RayOptions, run_filter
 
@@ -414,10 +461,11 @@ def filter_(
                 kept=kept or Path("kept"), dropped=dropped or Path("dropped"), rejected=rejected or Path("rejected"), scores=scores,
                 options=RayOptions(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                                    batch_lines=batch_lines, address=ray_address),
+                shape=reading[0], columns=reading[1],  # type: ignore[arg-type]
             )
         else:
             result = _filter_local(input, *_load_scoring(name, version, None), kept or Path("kept.jsonl"), dropped or Path("dropped.jsonl"),
-                                   rejected or Path("rejected.jsonl"), scores, threshold)
+                                   rejected or Path("rejected.jsonl"), scores, threshold, reading)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     text = json.dumps(result, indent=2)
@@ -426,49 +474,119 @@ def filter_(
     typer.echo(text)
 
 
+#: The saft_* columns each Parquet output of ``saft filter`` adds to the input rows (``table_row``'s, by bucket).
+_BUCKET_COLUMNS = {
+    "kept": (),
+    "dropped": ("saft_line", "saft_score", "saft_verdict", "saft_kind"),
+    "rejected": ("saft_line", "saft_verdict", "saft_error"),
+    "scores": ("saft_line", "saft_score", "saft_verdict", "saft_kind", "saft_error"),
+}
+_SIDE_COLUMNS = ("saft_chosen_score", "saft_rejected_score")
+
+
+class _Output:
+    """One output file of ``saft filter``: JSONL written as the run goes or, for a path ending in .parquet, the input
+    rows plus the bucket's saft_* columns — streamed in the input's schema when the input is Parquet
+    (``ParquetRowWriter``), else held until the end, where the schema is inferred from all rows."""
+
+    def __init__(self, path: Path, bucket: str, schema: Any, sides: bool) -> None:
+        self.path = path
+        self.columns = [*_BUCKET_COLUMNS[bucket], *(_SIDE_COLUMNS if sides and bucket in ("dropped", "scores") else ())]
+        self.fh: IO[bytes] | None = None
+        self.writer: ParquetRowWriter | None = None
+        self.rows: list[dict[str, Any]] = []
+        if not path.name.lower().endswith(".parquet"):
+            self.fh = path.open("wb")
+        elif schema is not None:
+            self.writer = ParquetRowWriter(path, schema, {k: TABLE_COLUMNS[k] for k in self.columns})
+
+    def write(self, record: Any, row: dict[str, Any]) -> None:
+        """``record`` to a JSONL file, ``row`` to a Parquet one."""
+        if self.fh is not None:
+            self.fh.write(orjson.dumps(record, default=json_default) + b"\n")
+        elif self.writer is not None:
+            self.writer.write(row)
+        else:
+            self.rows.append(row)
+
+    def close(self, complete: bool) -> None:
+        """Finish the file; a Parquet file of a run that failed is not written (the previous one stays)."""
+        if self.fh is not None:
+            self.fh.close()
+        elif self.writer is not None and complete:
+            self.writer.close()
+        elif self.writer is not None:
+            self.writer.abort()
+        elif complete:
+            sides = [k for k in _SIDE_COLUMNS if k in self.columns or any(k in r for r in self.rows)]
+            write_parquet_rows(self.path, self.rows, {k: TABLE_COLUMNS[k] for k in [*self.columns, *sides]})
+
+
 def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any, kept: Path, dropped: Path, rejected: Path,
-                  scores: Path | None, threshold: float | None) -> dict[str, Any]:
+                  scores: Path | None, threshold: float | None, reading: tuple[str, dict[str, str] | None]) -> dict[str, Any]:
     counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
-    with (
-        input.open("rb") as fh, kept.open("wb") as kept_fh, dropped.open("wb") as dropped_fh, rejected.open("wb") as rejected_fh,
-        (scores.open("wb") if scores is not None else nullcontext()) as scores_fh,
-        _progress("filtering", _count_lines(input)) as advance,
-    ):
-        out = {"kept": kept_fh, "dropped": dropped_fh, "rejected": rejected_fh}
-        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
-            bucket, record = filter_record(line, scored)
-            counts["total"] += 1
-            counts[bucket] += 1
-            out[bucket].write(orjson.dumps(record) + b"\n")
-            if scores_fh is not None:
-                scores_fh.write(orjson.dumps(line_record(line, scored)) + b"\n")
-    files = {"kept": str(kept), "dropped": str(dropped), "rejected": str(rejected)} | ({"scores": str(scores)} if scores else {})
-    return {**counts, "subspace": manifest.name, "version": manifest.version,
-            "threshold": manifest.threshold if threshold is None else threshold, "files": files, "engine": "local"}
+    shapes: dict[str, int] = {}
+    schema, sides = None, False
+    if record_format(input)[0] == "parquet":  # Parquet outputs keep the input's column types
+        import pyarrow.parquet as pq
+
+        schema = pq.ParquetFile(input).schema_arrow
+        names = reading[1] or {}
+        sides = all(names.get(side, side) in schema.names for side in ("chosen", "rejected"))  # preference rows can occur
+    paths = {"kept": kept, "dropped": dropped, "rejected": rejected} | ({"scores": scores} if scores is not None else {})
+    out: dict[str, _Output] = {}
+    complete = False
+    with ExitStack() as closing_all:  # every output is closed (a Parquet one discarded unless the run completed)
+        for bucket, path in paths.items():
+            out[bucket] = _Output(path, bucket, schema, sides)
+            closing_all.callback(lambda output=out[bucket]: output.close(complete))
+        with _progress("filtering", _count_lines(input)) as advance:
+            lines = _shapes(read_file(input, *reading), shapes)  # type: ignore[arg-type]
+            for line, scored in score_lines(subspace, manifest, lines, _direct(embedder), threshold=threshold, progress=advance):
+                bucket, record = filter_record(line, scored)
+                counts["total"] += 1
+                counts[bucket] += 1
+                out[bucket].write(record, (line.obj or {}) if bucket == "kept" else table_row(line, scored))
+                if "scores" in out:
+                    out["scores"].write(line_record(line, scored), table_row(line, scored))
+        complete = True
+    return {**counts, "shapes": shapes, "subspace": manifest.name, "version": manifest.version,
+            "threshold": manifest.threshold if threshold is None else threshold,
+            "files": {bucket: str(path) for bucket, path in paths.items()}, "engine": "local"}
 
 
 @app.command(name="eval")
 def eval_(
-    input: Annotated[Path, typer.Argument(help="Labelled JSONL (label 0/1; kind and source used for breakdowns).", exists=True, dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Labelled data, any format 'saft score' reads (label 0/1; kind and source used for breakdowns).", exists=True, dir_okay=False)],
     name: NameOpt = None,
     version: VersionOpt = None,
     threshold: ThresholdOpt = None,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/eval-NAME-VERSION.html).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here too.")] = None,
+    shape: FormatOpt = "auto",
+    columns: ColumnsOpt = None,
 ) -> None:
-    """Quality of a subspace on labelled data: AUROC, AUPRC, TPR at 1%/5% FPR, P/R/F1 at τ, per kind and source."""
+    """Quality of a subspace on labelled data: AUROC, AUPRC, TPR at 1%/5% FPR, P/R/F1 at τ, per kind and source.
+
+    A preference row is evaluated as 'saft filter' decides it: its label is the row's, its score its chosen side's."""
+    shapes: dict[str, int] = {}
     try:
+        reading = _reading(shape, columns)
+        total = _count_lines(input)  # reads the file once: one that cannot be read fails here, before any scoring
         embedder, subspace, manifest = _load_scoring(name, version, None)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     scores, taus, labels, kinds, sources, rejected = [], [], [], [], [], []
-    with input.open("rb") as fh, _progress("evaluating", _count_lines(input)) as advance:
-        for line, scored in score_lines(subspace, manifest, read_lines(fh), _direct(embedder), threshold=threshold, progress=advance):
+    probs: list[float | None] = []
+    with _progress("evaluating", total) as advance:
+        lines = _shapes(read_file(input, *reading), shapes)  # type: ignore[arg-type]
+        for line, scored in score_lines(subspace, manifest, lines, _direct(embedder), threshold=threshold, progress=advance):
             if scored is None or line.label is None:
                 rejected.append(f"line {line.number}: {line.error or 'label: missing (eval needs label 0/1)'}")
                 continue
             scores.append(scored.score)
             taus.append(scored.threshold)
+            probs.append(scored.probability)
             labels.append(line.label)
             kinds.append(str((line.obj or {}).get("kind", line.item.kind)))  # type: ignore[union-attr]
             sources.append(str((line.obj or {}).get("source", "unknown")))
@@ -483,10 +601,13 @@ def eval_(
     except ValueError as e:
         raise _fail(str(e)) from None
     result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "thresholds": by_kind, "data": input.name,
-              "rejected": {"count": len(rejected), "lines": rejected[:100]}, "metrics": metrics}
+              "shapes": shapes, "rejected": {"count": len(rejected), "lines": rejected[:100]}, "metrics": metrics}
+    if manifest.probability is not None:  # how well the version's probabilities hold on this data
+        result["probability"] = {"ece": calibration_error(probs, labels, kinds)}  # type: ignore[arg-type]
     report = report or Path("reports") / f"eval-{manifest.name}-{manifest.version}.html"
     write_report(report, title=f"saft eval: {manifest.name}/{manifest.version} on {input.name}", summary=_summary(manifest),
-                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=metrics)
+                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=metrics,
+                 probabilities=None if manifest.probability is None else probs)  # type: ignore[arg-type]
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"{manifest.name}/{manifest.version} on {input.name} (τ " + ", ".join(f"{k} {v:.4g}" for k, v in by_kind.items()) + ")")
@@ -502,7 +623,7 @@ def eval_(
 
 @app.command()
 def sweep(
-    calibration: Annotated[Path, typer.Argument(help="Labelled calibration JSONL.", exists=True, dir_okay=False)],
+    calibration: Annotated[Path, typer.Argument(help="Labelled calibration data (.jsonl[.gz|.zst], .json, .parquet).", exists=True, dir_okay=False)],
     eval_file: Annotated[Path | None, typer.Option("--eval", help="Labelled evaluation JSONL (default: 25% of calibration groups).")] = None,
     layers: Annotated[str, typer.Option(help="Layer sets, ';'-separated, each comma-separated: '8;16;8,16'.")] = "4;8;12;16;20;24;28;30",
     pooling: Annotated[str, typer.Option(help="Poolings to try: last,mean")] = "last,mean",
@@ -533,8 +654,8 @@ def sweep(
 
         def load(path: Path):  # type: ignore[no-untyped-def]
             total = min(_count_lines(path), limit or 1 << 62)
-            with path.open("rb") as fh, _progress(f"embedding {path.name}", total) as advance:
-                return embed_set(embedder, islice(read_lines(fh), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]
+            with closing(read_file(path)) as rows, _progress(f"embedding {path.name}", total) as advance:
+                return embed_set(embedder, islice(map(single_sample, rows), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]
                                  max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
 
         train = load(calibration)

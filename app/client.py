@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from app.pipeline import Line, Scored, chunks, line_record
+from app.pipeline import Line, Scored, line_record, merge_sides
 
 
 class SaftClient:
@@ -42,16 +42,32 @@ class SaftClient:
         return self._post("/score", json={"items": items, "threshold": threshold}).json()
 
     def score_lines(self, lines: Iterable[Line], threshold: float | None = None) -> Iterator[dict[str, Any]]:
-        """One record per line, as the in-process ``saft score`` writes them."""
-        for chunk in chunks(lines, self.batch_size):
+        """One record per line, as the in-process ``saft score`` writes them.
+
+        Each item is sent in canonical form (its turns as ``messages``), so the service scores exactly what this
+        process read, whatever shape or column mapping the line came in; a preference row is sent as its two sides.
+        """
+        for chunk in self._chunks(lines):
             valid = [line for line in chunk if line.item is not None]
-            results: dict[int, dict[str, Any]] = {}
+            results: dict[int, Scored] = {}
             if valid:
-                items = [{k: v for k, v in (line.obj or {}).items() if k in ("text", "prompt", "response", "messages")}
-                         for line in valid]
-                body = self.score(items, threshold)
-                results = {line.number: r for line, r in zip(valid, body["results"], strict=True)}
+                items = [{"messages": [{"role": role, "content": content} for role, content in item.turns]}
+                         for line in valid for item in line.items]
+                flat = [Scored(r["score"], r["verdict"], r["truncated"], r["n_tokens"], r["threshold"], r.get("probability"))
+                        for r in self.score(items, threshold)["results"]]
+                results = {line.number: s for line, s in zip(valid, merge_sides(valid, flat), strict=True)}
             for line in chunk:
-                r = results.get(line.number)
-                yield line_record(line, None if r is None else Scored(r["score"], r["verdict"], r["truncated"], r["n_tokens"],
-                                                                             r["threshold"]))
+                yield line_record(line, results.get(line.number))
+
+    def _chunks(self, lines: Iterable[Line]) -> Iterator[list[Line]]:
+        """Lines in requests of at most ``batch_size`` items (a preference row is two)."""
+        chunk: list[Line] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line.items) > self.batch_size:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line.items)
+        if chunk:
+            yield chunk

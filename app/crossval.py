@@ -17,7 +17,7 @@ import numpy as np
 
 from app.pipeline import FitOptions
 from app.quality import choose_thresholds, grouped_quality
-from app.subspace import FitError, Subspace
+from app.subspace import FitError, MomentAccumulator, Subspace
 
 FoldBy = Literal["source", "family"]
 
@@ -34,13 +34,16 @@ class EmbeddedPool:
     groups: list[str]
 
 
+def make_subspace(options: FitOptions) -> Subspace:
+    """The (unfitted) subspace ``saft fit`` would fit with these options on labelled data."""
+    opts = options.resolved(labelled=True)
+    return Subspace(k=opts.k, method=opts.method, center=opts.center, standardize=opts.standardize,  # type: ignore[arg-type]
+                    shrinkage=opts.shrinkage, balance=opts.balance, nuisance=opts.nuisance)  # type: ignore[arg-type]
+
+
 def fit_subspace(options: FitOptions, X: np.ndarray, item_kinds: Sequence[str], labels: Sequence[int], sources: Sequence[str]) -> Subspace:
     """The subspace ``saft fit`` would publish for these rows (labelled)."""
-    opts = options.resolved(labelled=True)
-    by_source = opts.balance == "source" or opts.nuisance > 0
-    return Subspace(k=opts.k, method=opts.method, center=opts.center, standardize=opts.standardize,  # type: ignore[arg-type]
-                    shrinkage=opts.shrinkage, balance=opts.balance, nuisance=opts.nuisance).fit(  # type: ignore[arg-type]
-        X, item_kinds, list(labels), sources if by_source else None)
+    return make_subspace(options).fit(X, item_kinds, list(labels), sources)
 
 
 def crossval(
@@ -53,7 +56,10 @@ def crossval(
 ) -> dict[str, Any]:
     """Hold out each source (``by="source"``) or family (``"family"``: ``families`` maps source → family; a
     source it does not name is a family of its own) in turn; report the pooled out-of-fold quality per kind
-    and, per source, the share dropped (benign items) and caught (harmful ones) at the fold's τ."""
+    and, per source, the share dropped (benign items) and caught (harmful ones) at the fold's τ.
+
+    The calibration moments are summed once per (kind, label, source) cell; a fold is every cell but the
+    held-out sources', less the rows of its near-duplicate groups, so a fold costs one solve, not a pass."""
     if by not in ("source", "family"):
         raise FitError(f"crossval: by must be 'source' or 'family', got {by!r}")
     policy = options.resolved(labelled=True).policy
@@ -62,28 +68,36 @@ def crossval(
     units = sources if by == "source" else np.asarray([(families or {}).get(s, s) for s in pool.sources])
     groups = np.asarray(pool.groups)
     item_kinds = np.asarray(pool.item_kinds)
+    labels = np.asarray(pool.labels)
     if len(set(units.tolist())) < 2:
         raise FitError(f"crossval needs at least 2 {by}s; the data has {len(set(units.tolist()))} (give each line a 'source')")
-    scores = np.full(len(pool.labels), np.nan)
-    taus = np.full(len(pool.labels), np.nan)
+    acc = MomentAccumulator(pool.vectors.shape[1], max_cells=1024)
+    acc.update(pool.vectors, item_kinds.tolist(), labels.tolist(), sources.tolist())
+    scores = np.full(len(labels), np.nan)
+    taus = np.full(len(labels), np.nan)
     folds = []
     for unit in sorted(set(units.tolist())):
         test = units == unit
         train = ~test & ~np.isin(groups, np.unique(groups[test]))
-        y_train = pool.labels[train]
+        y_train = labels[train]
         if len(set(y_train.tolist())) < 2:
             raise FitError(f"crossval: without {by} {unit!r} the training data has only label {y_train[0]}")
-        sub = fit_subspace(options, pool.vectors[train], item_kinds[train].tolist(), y_train.tolist(), sources[train].tolist())
-        train_scores = sub.score_samples(pool.vectors[train], item_kinds[train].tolist())
-        overall, by_kind = choose_thresholds(train_scores, y_train, item_kinds[train].tolist(), policy)
-        scores[test] = sub.score_samples(pool.vectors[test], item_kinds[test].tolist())
+        fold = acc.without(set(sources[test].tolist()))
+        near = ~test & ~train  # near-duplicates of held-out items in other sources: out of this fold's training too
+        if near.any():
+            fold = fold.copy()
+            fold.update(pool.vectors[near], item_kinds[near].tolist(), labels[near].tolist(), sources[near].tolist(), remove=True)
+        sub = make_subspace(options).fit_moments(fold)
+        all_scores = sub.score_samples(pool.vectors, item_kinds.tolist())
+        overall, by_kind = choose_thresholds(all_scores[train], y_train, item_kinds[train].tolist(), policy)
+        scores[test] = all_scores[test]
         taus[test] = [by_kind.get(k, overall) for k in item_kinds[test]]
         folds.append({"held_out": unit, "n_test": int(test.sum()), "n_train": int(train.sum()),
-                      "n_left_out_near_duplicates": int((~test & ~train).sum()), "thresholds": by_kind})
+                      "n_left_out_near_duplicates": int(near.sum()), "thresholds": by_kind})
         if progress is not None:
             progress(unit)
-    metrics = grouped_quality(pool.labels, scores, taus, {"kind": pool.kinds, "source": pool.sources})
-    return {"by": by, "n_folds": len(folds), "n": len(pool.labels), "metrics": metrics, "folds": folds,
+    metrics = grouped_quality(labels, scores, taus, {"kind": pool.kinds, "source": pool.sources})
+    return {"by": by, "n_folds": len(folds), "n": len(labels), "metrics": metrics, "folds": folds,
             "scores": scores, "thresholds": taus, **worst_sources(metrics["by_source"])}
 
 

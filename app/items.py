@@ -437,6 +437,32 @@ def split_preference(obj: Any, columns: Mapping[str, str] | None = None) -> list
     return sides
 
 
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A row read as what is scored: the shape it was stored in, the item its verdict follows and, for a
+    preference row, both of its sides (chosen first; ``item`` is then the chosen one)."""
+
+    shape: Shape
+    item: Item
+    sides: tuple[tuple[str, Item], ...] = ()
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        """What is embedded for the row: its item, or each side of a preference row."""
+        return tuple(item for _, item in self.sides) if self.sides else (self.item,)
+
+
+def parse_sample(obj: Any, shape: Shape | Literal["auto"] = "auto", columns: Mapping[str, str] | None = None) -> Sample:
+    """``obj`` as a ``Sample``: the shape detected (or the one given), then ``parse_item``, or ``split_preference``
+    for a preference row, whose two sides are two samples scored as their own pairs."""
+    if shape == "auto":
+        shape = detect_shape(obj, columns)
+    if shape == "preference":
+        sides = tuple((name, parse_item(fields)) for name, fields in split_preference(obj, columns))
+        return Sample(shape, sides[0][1], sides)
+    return Sample(shape, parse_item(obj, shape, columns))
+
+
 def parse_label(obj: Mapping[str, Any]) -> int | None:
     """The optional 0/1 harm label of a calibration or evaluation line."""
     if "label" not in obj or obj["label"] is None:

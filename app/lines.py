@@ -25,6 +25,7 @@ The API:
 ``write_parquet_rows(path, rows, extra_columns=SAFT_COLUMNS, *, schema=None) -> int``
     Output rows (input row + ``saft_score``, ``saft_verdict``, ``saft_kind``) as one Parquet file, written to a
     temporary file beside ``path`` and moved into place, so a reader never sees half a file.
+    ``ParquetRowWriter(path, schema, extra_columns)`` does the same row by row, for several outputs of one pass.
 
 pyarrow and zstandard are imported when a file needs them, never at import time.
 """
@@ -38,7 +39,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, Self
 
 import orjson
 
@@ -192,13 +193,14 @@ def _parquet_records(path: Path) -> Iterator[Record]:
                 raise RecordFileError(path, f"cannot be read after row {number}: {err}") from err
             if batch is None:
                 return
-            for row in _batch_rows(batch):
+            for row in batch_rows(batch):
                 number += 1
                 yield Record(number, None, row) if isinstance(row, str) else Record(number, row, None)
 
 
-def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | str]:
-    """A batch's rows as objects; a row holding a value Python cannot represent is that row's error message."""
+def batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | str]:
+    """A batch's rows as objects (nulls as absent keys, as ``open_records`` reads them); a row holding a value Python
+    cannot represent is that row's error message. Also the Ray engine's reader of ``ray.data.read_parquet`` blocks."""
     try:
         return [_without_nulls(row) for row in batch.to_pylist()]
     except (ValueError, OverflowError, ArithmeticError):
@@ -233,32 +235,88 @@ def write_parquet_rows(
     ``RecordFileError`` (nothing is dropped silently), and the file at ``path`` is left as it was.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = Path(path)
-    extra = [pa.field(name, pa.type_for_alias(alias)) for name, alias in extra_columns.items()]
     if schema is None:
         rows = list(rows)
         names = list(dict.fromkeys(k for r in rows for k in r if k not in extra_columns))  # from_pylist reads row 1 only
-        schema = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in names}).schema
-    keep = [f for f in schema if f.name not in extra_columns]
-    full = pa.schema(keep + extra, metadata=schema.metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes it 0600; outputs are read by others
-            with pq.ParquetWriter(fh, full) as writer:
-                for chunk in _chunks(rows, BATCH_ROWS):
-                    writer.write_table(_table(path, chunk, full, count))
-                    count += len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
+        try:
+            schema = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in names}).schema
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise RecordFileError(path, f"the rows do not fit one table (a key holds values of different types): {err}") from err
+    with ParquetRowWriter(path, schema, extra_columns) as writer:
+        for row in rows:
+            writer.write(row)
+    return writer.count
+
+
+class ParquetRowWriter:
+    """Rows written to one Parquet file as they come (in batches of ``BATCH_ROWS``), atomically: into a temporary
+    file beside ``path`` that ``close()`` moves into place; an exception inside ``with`` (or ``abort()``) removes
+    it and leaves ``path`` as it was. The schema is ``schema`` with ``extra_columns`` appended, as in
+    ``write_parquet_rows``; use this one when several outputs are written from one pass over the input."""
+
+    def __init__(self, path: Path | str, schema: pa.Schema, extra_columns: Mapping[str, str] = SAFT_COLUMNS) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        extra = [pa.field(name, pa.type_for_alias(alias)) for name, alias in extra_columns.items()]
+        keep = [f for f in schema if f.name not in extra_columns]
+        self.schema = pa.schema(keep + extra, metadata=schema.metadata)
+        self.count = 0
+        self._chunk: list[Mapping[str, Any]] = []
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "wb")
+        try:
+            os.fchmod(self._fh.fileno(), 0o644)  # mkstemp makes it 0600; outputs are read by others
+            self._writer = pq.ParquetWriter(self._fh, self.schema)
+        except BaseException:
+            self._fh.close()
+            Path(self._tmp).unlink(missing_ok=True)
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._chunk.append(row)
+        if len(self._chunk) == BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._chunk:
+            self._writer.write_table(_table(self.path, self._chunk, self.schema, self.count))
+            self.count += len(self._chunk)
+            self._chunk = []
+
+    def close(self) -> int:
+        """Write what is left and move the file into place; returns the number of rows written."""
+        try:
+            self._flush()
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.count
+
+    def abort(self) -> None:
+        """Discard the temporary file; ``path`` is left as it was."""
+        try:
+            self._writer.close()  # closes an open writer (a no-op once closed), so nothing writes to the file later
+        finally:
+            self._fh.close()
+            Path(self._tmp).unlink(missing_ok=True)
 
 
 def _table(path: Path, chunk: list[Mapping[str, Any]], schema: pa.Schema, before: int) -> pa.Table:

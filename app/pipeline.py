@@ -1,22 +1,26 @@
-"""Dataset-level operations of the core: read JSONL lines, fit a subspace, score items.
+"""Dataset-level operations of the core: read rows (any ``app.lines`` format, any ``app.items`` shape), fit a
+subspace, score items.
 
 Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queues, no Redis.
 """
 
 from __future__ import annotations
 
+import base64
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import orjson
 
 from app.artifacts import Manifest
+from app.calibration import fit_calibration, probability
 from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
-from app.items import Item, ItemError, parse_item, parse_label
+from app.items import Item, ItemError, Sample, Shape, parse_label, parse_sample
+from app.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
 from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
 from app.subspace import FitError, MomentAccumulator, Subspace
 
@@ -25,38 +29,75 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True, slots=True)
 class Line:
-    """One input line: its 1-based number, the raw object, and either an item or the reason it failed."""
+    """One input row: its 1-based number, the raw object, and either an item or the reason it failed.
+
+    ``shape`` is the shape the row was read as (``app.items.SHAPES``). A preference row is two samples: ``sides``
+    holds both (chosen first) and ``item`` is the chosen one, the side the row's verdict follows (``merge_sides``).
+    """
 
     number: int
     obj: dict[str, Any] | None
     item: Item | None
     label: int | None
     error: str | None
+    shape: Shape | None = None
+    sides: tuple[tuple[str, Item], ...] = ()
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        """What is embedded for the row: nothing (an invalid row), its item, or each side of a preference row."""
+        if self.item is None:
+            return ()
+        return tuple(item for _, item in self.sides) if self.sides else (self.item,)
 
 
-def parse_line(number: int, raw: bytes | str) -> Line:
-    """Decode and validate one JSONL line; failures become a ``Line`` with ``error`` set."""
+def parse_line(number: int, raw: bytes | str | dict[str, Any], shape: Shape | Literal["auto"] = "auto",
+               columns: Mapping[str, str] | None = None) -> Line:
+    """Validate one row: a JSONL line (decoded here) or an already decoded object (a JSON element, a Parquet row,
+    used as is). ``shape`` and ``columns`` are ``app.items.parse_sample``'s; failures become a ``Line`` with ``error``."""
+    if isinstance(raw, dict):
+        obj: Any = raw
+    else:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            return Line(number, None, None, None, f"invalid JSON: {err}")
     try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        return Line(number, None, None, None, f"invalid JSON: {err}")
-    try:
-        item = parse_item(obj)
+        sample = parse_sample(obj, shape, columns)
         label = parse_label(obj)
     except ItemError as err:
         return Line(number, obj if isinstance(obj, dict) else None, None, None, str(err))
-    return Line(number, obj, item, label, None)
+    return Line(number, obj, sample.item, label, None, sample.shape, sample.sides)
 
 
-def read_lines(stream: Iterable[bytes | str]) -> Iterator[Line]:
+def read_records(records: Iterable[Record], shape: Shape | Literal["auto"] = "auto",
+                 columns: Mapping[str, str] | None = None) -> Iterator[Line]:
+    """The one line reader: every ``app.lines`` record as a ``Line``, numbered as its file numbers it."""
+    for number, payload, error in records:
+        yield Line(number, None, None, None, error) if payload is None else parse_line(number, payload, shape, columns)
+
+
+def read_lines(stream: Iterable[bytes | str], shape: Shape | Literal["auto"] = "auto",
+               columns: Mapping[str, str] | None = None) -> Iterator[Line]:
     """Every non-blank line of a JSONL stream, numbered from 1; blank lines are counted but skipped."""
-    for number, raw in enumerate(stream, start=1):
-        if isinstance(raw, bytes):
-            raw = raw.rstrip(b"\r\n")
-        else:
-            raw = raw.rstrip("\r\n")
-        if raw.strip():
-            yield parse_line(number, raw)
+    return read_records(jsonl_records(stream), shape, columns)
+
+
+def read_file(path: Path | str, shape: Shape | Literal["auto"] = "auto", columns: Mapping[str, str] | None = None) -> Iterator[Line]:
+    """Every row of a file in any format ``app.lines`` reads (.jsonl[.gz|.zst], .json, .parquet), as ``Line``s.
+    A file that cannot be read at all raises ``RecordFileError`` (a ``ValueError``) when iteration reaches it."""
+    return read_records(open_records(path), shape, columns)
+
+
+#: Why fit and crossval refuse a preference row: its label cannot say which of its two samples it is about.
+ONE_SAMPLE_PER_LINE = ("item: a preference row (chosen/rejected) holds two samples under one label; a calibration line "
+                       "must be one labelled sample: write each side as its own {prompt, response, label} line")
+
+
+def single_sample(line: Line) -> Line:
+    """``line`` for readers that need one labelled sample per line (fit, crossval): a preference row is refused
+    there, with its reason, instead of being fitted on one of its sides."""
+    return Line(line.number, line.obj, None, None, ONE_SAMPLE_PER_LINE) if line.sides else line
 
 
 def file_digest(path: Path) -> str:
@@ -169,7 +210,7 @@ def fit_lines(
     first_labelled: list[bool] = []
 
     def valid(stream: Iterable[Line]) -> Iterator[Line]:
-        for line in stream:
+        for line in map(single_sample, stream):
             if line.error is not None:
                 if strict:
                     raise FitError(f"calibration line {line.number}: {line.error}")
@@ -226,6 +267,8 @@ def fit_lines(
         raise FitError(str(err)) from None
     taus = np.asarray([thresholds.get(kind, threshold) for kind in meta["item_kind"]])
     quality = grouped_quality(y, scores, taus, {"kind": meta["kind"], "source": meta["source"]}) if y is not None else {}
+    # P(harmful) per item kind, from the labels the fit already has (an unlabelled fit has no probability).
+    calibrated = fit_calibration(scores, y, meta["item_kind"]) if y is not None else None
     manifest = Manifest(
         name=name,
         model_id=embedder.model_id,
@@ -252,6 +295,7 @@ def fit_lines(
             "rejected": {"count": len(bad), "lines": bad[:100]},
         },
         quality={"calibration": quality} if quality else {},
+        probability=calibrated,
     )
     return FitResult(subspace, manifest, scores, y, meta)
 
@@ -265,6 +309,40 @@ class Scored:
     truncated: bool
     n_tokens: int
     threshold: float
+    probability: float | None = None  # calibrated P(harmful); None when the version has no calibration
+    sides: tuple[tuple[str, Scored], ...] = ()  # a preference row's sides, each scored as its own pair (merge_sides)
+
+
+def merge_sides(rows: Sequence[Line | Sample], scored: Sequence[Scored]) -> list[Scored]:
+    """The results of ``rows``' ``items`` (flattened, in order) as one ``Scored`` per row.
+
+    A preference row's verdict, score and τ are its **chosen** side's, and both sides ride along in ``sides``: a
+    harmful chosen answer is what DPO trains the model towards, so the row is dropped; a harmful rejected answer
+    beside a benign chosen one is what a safety preference pair is for, so the row is kept.
+    """
+    results, out = iter(scored), []
+    for row in rows:
+        mine = [next(results) for _ in row.items]
+        if row.sides:
+            out.append(replace(mine[0], sides=tuple((name, s) for (name, _), s in zip(row.sides, mine, strict=True))))
+        else:
+            out.append(mine[0])
+    return out
+
+
+def side_records(scored: Scored) -> dict[str, dict[str, Any]]:
+    """Each side's result of a preference row, by side name (empty for any other row)."""
+    return {name: {"score": s.score, "verdict": s.verdict, "threshold": s.threshold, "truncated": s.truncated,
+                   "n_tokens": s.n_tokens, **({} if s.probability is None else {"probability": s.probability})}
+            for name, s in scored.sides}
+
+
+def json_default(value: Any) -> Any:
+    """JSON for values a Parquet row may hold and JSON lacks (``orjson.dumps(..., default=json_default)``): bytes as
+    base64, anything else (decimals, durations) as its string."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    return str(value)
 
 
 def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
@@ -277,13 +355,17 @@ def line_record(line: Line, scored: Scored | None) -> dict[str, Any]:
     else:
         rec.update(score=scored.score, verdict=scored.verdict, threshold=scored.threshold, truncated=scored.truncated,
                    n_tokens=scored.n_tokens)
+        if scored.probability is not None:
+            rec["probability"] = scored.probability
+        if scored.sides:
+            rec["sides"] = side_records(scored)
     return rec
 
 
 def filter_record(line: Line, scored: Scored | None, shard: str | None = None) -> tuple[str, Any]:
     """Where ``saft filter`` puts a line (``kept`` / ``dropped`` / ``rejected``) and what it writes there.
 
-    Kept lines are written unchanged; a dropped one carries its line number and score under ``"saft"``;
+    Kept lines are written unchanged; a dropped one carries its line number and score (and probability) under ``"saft"``;
     a rejected one its reason. ``shard`` names the input file when a run reads several (the Ray engine),
     so every written line still leads back to its source. Shared by the local and the Ray engine.
     """
@@ -292,7 +374,27 @@ def filter_record(line: Line, scored: Scored | None, shard: str | None = None) -
         return "rejected", {**where, "line": line.number, "error": line.error, "item": line.obj}
     if scored.verdict == "keep":
         return "kept", line.obj
-    return "dropped", {**(line.obj or {}), "saft": {**where, "line": line.number, "score": scored.score}}
+    calibrated = {} if scored.probability is None else {"probability": scored.probability}
+    sides = {"sides": side_records(scored)} if scored.sides else {}
+    return "dropped", {**(line.obj or {}), "saft": {**where, "line": line.number, "score": scored.score, **calibrated, **sides}}
+
+
+#: The columns ``table_row`` may add to an input row, as Arrow type aliases, in output order.
+TABLE_COLUMNS: dict[str, str] = {"saft_line": "int64", **SAFT_COLUMNS, "saft_error": "string",
+                                 "saft_chosen_score": "double", "saft_rejected_score": "double"}
+
+
+def table_row(line: Line, scored: Scored | None) -> dict[str, Any]:
+    """The output row (Parquet) of one input row: the row as read, plus its line number and ``saft_score``,
+    ``saft_verdict`` (keep / drop / rejected), ``saft_kind``, the error of a rejected row and, for a preference
+    row, each side's score."""
+    row: dict[str, Any] = {**(line.obj or {}), "saft_line": line.number}
+    if scored is None:
+        row.update(saft_verdict="rejected", saft_error=line.error)
+        return row
+    row.update(saft_score=scored.score, saft_verdict=scored.verdict, saft_kind=None if line.item is None else line.item.kind)
+    row.update({f"saft_{name}_score": s.score for name, s in scored.sides})
+    return row
 
 
 def score_encoded(
@@ -307,9 +409,11 @@ def score_encoded(
     kinds = [item.kind for item in items]
     scores = subspace.score_samples(vectors, kinds)
     taus = [manifest.threshold_for(kind) if threshold is None else threshold for kind in kinds]
+    # Probability is of the score alone: a τ override changes verdicts, never probabilities.
+    probs = [None] * len(kinds) if manifest.probability is None else probability(manifest.probability, scores, kinds).tolist()
     return [
-        Scored(float(s), "drop" if s > tau else "keep", e.truncated, e.n_tokens, tau)
-        for s, e, tau in zip(scores, encoded, taus, strict=True)
+        Scored(float(s), "drop" if s > tau else "keep", e.truncated, e.n_tokens, tau, p)
+        for s, e, tau, p in zip(scores, encoded, taus, probs, strict=True)
     ]
 
 
@@ -323,14 +427,15 @@ def score_lines(
     chunk_size: int = 256,
     progress: Progress | None = None,
 ) -> Iterator[tuple[Line, Scored | None]]:
-    """Every line in input order with its verdict, or ``None`` for a line that failed validation."""
+    """Every line in input order with its verdict, or ``None`` for a line that failed validation (a preference
+    row's both sides are embedded with the rest of its chunk and merged back by ``merge_sides``)."""
     for chunk in chunks(lines, chunk_size):
         valid = [line for line in chunk if line.item is not None]
         results: dict[int, Scored] = {}
         if valid:
-            items = [line.item for line in valid]
-            encoded, vectors = embed(items, manifest.embedding)  # type: ignore[arg-type]
-            scored = score_encoded(subspace, manifest, items, encoded, vectors, threshold)  # type: ignore[arg-type]
+            items = [item for line in valid for item in line.items]
+            encoded, vectors = embed(items, manifest.embedding)
+            scored = merge_sides(valid, score_encoded(subspace, manifest, items, encoded, vectors, threshold))
             results = {line.number: s for line, s in zip(valid, scored, strict=True)}
         if progress is not None:
             progress(len(chunk))

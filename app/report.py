@@ -1,4 +1,5 @@
-"""Self-contained HTML reports of a fit or an evaluation: score histograms, ROC and PR curves, τ.
+"""Self-contained HTML reports of a fit or an evaluation: score histograms, ROC and PR curves, τ, and
+the calibration of probabilities (reliability curve, expected calibration error) where a version has one.
 
 Plots are rendered with matplotlib (Agg) into inline PNGs so the file can be mailed or archived.
 """
@@ -20,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from app.calibration import expected_calibration_error, reliability_curve  # noqa: E402
 
 _METRIC_COLUMNS = ("n", "n_harmful", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "fpr_at_threshold", "drop_rate")
 
@@ -74,6 +77,26 @@ def _curves(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold
     return _png(fig)
 
 
+def _reliability(probabilities: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> tuple[str, str]:
+    """The ECE table and the reliability plot (observed harmful fraction against mean predicted probability, per bin)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    rows = []
+    for kind in ["all", *sorted(set(kinds.tolist()))]:
+        mask = np.ones_like(labels, dtype=bool) if kind == "all" else kinds == kind
+        p, y = probabilities[mask], labels[mask]
+        curve = reliability_curve(p, y)
+        filled = [i for i, n in enumerate(curve["count"]) if n]
+        ax.plot([curve["mean_predicted"][i] for i in filled], [curve["observed"][i] for i in filled], marker="o", label=kind)
+        ece = expected_calibration_error(p, y)
+        rows.append(f"<tr><th>{html.escape(str(kind))}</th><td>{int(mask.sum())}</td><td>{ece:.4f}</td></tr>")
+    ax.set(title="reliability (10 equal-width bins)", xlabel="mean predicted P(harmful)", ylabel="observed harmful fraction",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8)
+    table = f"<table><tr><th>kind</th><th>n</th><th>expected calibration error</th></tr>{''.join(rows)}</table>"
+    return table, _png(fig)
+
+
 def _table(report: dict[str, Any]) -> str:
     rows = []
     for section, content in report.items():
@@ -98,8 +121,12 @@ def write_report(
     kinds: Sequence[str],
     threshold: float | Sequence[float],
     metrics: dict[str, Any] | None,
+    probabilities: Sequence[float] | None = None,
 ) -> Path:
-    """Write the HTML report atomically and return its path; ``threshold`` is one τ or each item's own."""
+    """Write the HTML report atomically and return its path; ``threshold`` is one τ or each item's own.
+
+    With ``probabilities`` (each item's calibrated P(harmful)) and labels, a calibration section too.
+    """
     s = np.asarray(scores, dtype=np.float64)
     threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)
     y = None if labels is None else np.asarray(labels, dtype=int)
@@ -116,6 +143,10 @@ def write_report(
             _table(metrics),
             f'<img alt="ROC and PR curves" src="data:image/png;base64,{_curves(s, y, k, threshold)}">',
         ]
+    if y is not None and probabilities is not None:
+        ece_table, plot = _reliability(np.asarray(probabilities, dtype=np.float64), y, k)
+        parts += ["<h2>Calibration of P(harmful)</h2>", ece_table,
+                  f'<img alt="reliability curve" src="data:image/png;base64,{plot}">']
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"

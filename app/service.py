@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from app import metrics
-from app.artifacts import ArtifactError, Manifest, remove_stale_scratch_in
+from app.artifacts import VERSION_RE, ArtifactError, Manifest, remove_stale_scratch_in
 from app.batching import BatchStats, MicroBatcher, QueueFull
 from app.cache import CachedEmbedding, EmbeddingCache, cache_key
 from app.config import Settings
@@ -46,6 +46,10 @@ class RegistryUnavailable(NotReady):
 
 class ItemTooLarge(ValueError):
     """An item longer than the configured character limit (refused, never cut silently)."""
+
+
+class ModelNotServed(ValueError):
+    """A request's ``model`` (``NAME`` or ``NAME@vN``) names a subspace or version this service does not score with."""
 
 
 REFIT_UPLOAD = "refitupload"  # scratch purpose of refit uploads in the temp dir (see artifacts.scratch_prefix)
@@ -182,6 +186,32 @@ class ScoringService:
         if current is None or not self.ready:
             raise NotReady("no active subspace yet: fit one (saft fit) or POST /subspace/refit")
         return current
+
+    def snapshot_for(self, model: str | None) -> ActiveSubspace:
+        """The snapshot a request's ``model`` names: the active subspace as ``NAME`` or ``NAME@vN`` (None: the active one).
+
+        Only the active version is served: another version would need its own load (and, in a fleet, its
+        install) per request; activate it instead (POST /subspace/versions/{version}/activate).
+        """
+        snapshot = self.snapshot()
+        if model is None:
+            return snapshot
+        m = snapshot.manifest
+        name, at, version = model.partition("@")
+        if at and not VERSION_RE.fullmatch(version):
+            raise ModelNotServed(f"model: {model!r} must be NAME or NAME@vN (e.g. {m.name!r} or '{m.name}@{m.version}')")
+        if name != m.name:
+            raise ModelNotServed(f"model: {model!r} is not served here; this service scores with subspace {m.name!r} "
+                                 f"(model {m.name!r} or '{m.name}@{m.version}')")
+        if at and version != m.version:
+            raise ModelNotServed(f"model: {model!r} names version {version}, but only the active version {m.version} is "
+                                 f"served; ask for '{m.name}@{m.version}' or activate {version} first")
+        return snapshot
+
+    def model_info(self) -> dict[str, str]:
+        """The loaded model as plain strings: id, weights digest, device and dtype (e.g. 'cpu', 'float32')."""
+        return {"id": self.embedder.model_id, "weights_sha256": self.embedder.weights_digest,
+                "device": str(self.embedder.device), "dtype": str(self.embedder.dtype).removeprefix("torch.")}
 
     def check_size(self, item: Item, where: str = "item") -> None:
         chars = item_chars(item)

@@ -60,7 +60,9 @@ class MomentAccumulator:
     groups: dict[Cell, _Moments] = field(default_factory=dict)
     max_cells: int = 512  # each cell holds d² float64 sums (2.7 MB at d = 576)
 
-    def update(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None], sources: Sequence[str] | None = None) -> None:
+    def update(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None], sources: Sequence[str] | None = None,
+               *, remove: bool = False) -> None:
+        """Add rows to their cells (``remove``: take rows added before back out, e.g. a fold's near-duplicates)."""
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise FitError(f"embeddings must have shape (n, {self.dim}), got {X.shape}")
@@ -70,17 +72,29 @@ class MomentAccumulator:
             self.shift = X.mean(axis=0)
         Xc = X - self.shift
         keys = list(zip(kinds, labels, sources if sources is not None else [""] * len(X), strict=True))
+        sign = -1 if remove else 1
         for key in set(keys):
             rows = Xc[[i for i, k in enumerate(keys) if k == key]]
             m = self.groups.get(key)
             if m is None:
+                if remove:
+                    raise FitError(f"cannot remove rows of {key}: none were added")
                 if len(self.groups) >= self.max_cells:
                     raise FitError(f"more than {self.max_cells} distinct (kind, label, source) groups in the calibration "
                                    "set; weigh items alike (balance=item) or give fewer distinct 'source' values")
                 m = self.groups[key] = _Moments(0, np.zeros(self.dim), np.zeros((self.dim, self.dim)))
-            m.n += rows.shape[0]
-            m.s += rows.sum(axis=0)
-            m.S += rows.T @ rows
+            if remove and rows.shape[0] > m.n:
+                raise FitError(f"cannot remove {rows.shape[0]} rows of {key}: it holds {m.n}")
+            if remove and rows.shape[0] == m.n:
+                del self.groups[key]
+                continue
+            m.n += sign * rows.shape[0]
+            m.s += sign * rows.sum(axis=0)
+            m.S += sign * (rows.T @ rows)
+
+    def copy(self) -> MomentAccumulator:
+        groups = {key: _Moments(m.n, m.s.copy(), m.S.copy()) for key, m in self.groups.items()}
+        return MomentAccumulator(self.dim, self.shift, groups, self.max_cells)
 
     @property
     def n(self) -> int:

@@ -127,7 +127,7 @@ def test_limits_and_validation(served) -> None:
     r = httpx.post(f"{url}/score", json={"items": [{"text": "ok"}, {"text": "  "}]}, headers=C)
     assert r.status_code == 422 and "items.1" in r.json()["error"] and "text: is empty" in r.json()["error"]
     r = httpx.post(f"{url}/score", json={"items": [{"prompt": "p"}, {"id": 3}]}, headers=C)
-    assert r.status_code == 422 and "items.1: item: needs one of" in r.json()["error"]
+    assert r.status_code == 422 and "items.1: item: keys ['id'] fit no known shape; known shapes: text {text}" in r.json()["error"]
     r = httpx.post(f"{url}/score", json={"items": []}, headers=C)
     assert r.status_code == 422 and "items" in r.json()["error"]
     r = httpx.post(f"{url}/score", content=b"{not json", headers={**C, "content-type": "application/json"})

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, metrics
-from app.api import errors, health, score, subspace
+from app.api import errors, health, info, moderations, score, subspace
 from app.api.errors import BodyTimeout, PayloadTooLarge
 from app.config import Settings, get_settings
 from app.service import ScoringService
@@ -195,5 +195,7 @@ def create_app(settings: Settings | None = None, service: ScoringService | None 
     app.include_router(score.router)
     app.include_router(subspace.router)
     app.include_router(health.router)
+    app.include_router(info.router)
+    app.include_router(moderations.router)
     app.add_middleware(RequestContext, settings=settings)  # type: ignore[arg-type]
     return app

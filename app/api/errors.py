@@ -17,7 +17,7 @@ from app.batching import BatcherClosed, QueueFull
 from app.embedding import EmbeddingError
 from app.items import ItemError
 from app.quality import ThresholdError
-from app.service import ItemTooLarge, NotReady, RefitInProgress
+from app.service import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
 from app.subspace import FitError
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ class PayloadTooLarge(ValueError):
 
 class BodyTimeout(TimeoutError):
     """A request body that did not arrive in time (SAFT_BODY_READ_TIMEOUT_S): slow or stalled client."""
+
+
+class UnsupportedEncoding(ValueError):
+    """A request body in a Content-Encoding the route does not read."""
 
 
 class NotFound(LookupError):
@@ -47,10 +51,12 @@ TABLE: list[tuple[type[BaseException], int, str]] = [
     (QueueFull, 429, "overloaded"),
     (PayloadTooLarge, 413, "too_large"),
     (BodyTimeout, 408, "timeout"),
+    (UnsupportedEncoding, 415, "unsupported_media_type"),
     (ItemTooLarge, 413, "too_large"),
     (ItemError, 422, "invalid_input"),
     (FitError, 422, "invalid_input"),
     (ThresholdError, 422, "invalid_input"),
+    (ModelNotServed, 422, "invalid_input"),
     (NotReady, 503, "not_ready"),
     (BatcherClosed, 503, "not_ready"),
     (RefitInProgress, 409, "refit_in_progress"),

@@ -6,19 +6,23 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Literal
 
 import anyio
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import get_service, require_client
-from app.api.errors import BodyTimeout, PayloadTooLarge
-from app.pipeline import Line, parse_line
+from app.api.errors import BodyTimeout, PayloadTooLarge, UnsupportedEncoding
+from app.items import ItemError, Shape, parse_columns
+from app.pipeline import Line, merge_sides, parse_line, side_records
 from app.registry import ActiveSubspace
 from app.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
 from app.service import ItemTooLarge, ScoringService
@@ -80,8 +84,81 @@ class UploadSpool:
             self.changed.clear()
             await self.changed.wait()
 
+    def append(self, data: bytes) -> None:
+        """Add bytes produced here (an inflated upload), against the same limit as received ones."""
+        if self.written + len(data) > self.max_bytes:
+            raise PayloadTooLarge(f"body: upload exceeds the limit of {self.max_bytes} bytes once decompressed")
+        os.pwrite(self.file.fileno(), data, self.written)
+        self.written += len(data)
+
     def close(self) -> None:
         self.file.close()
+
+
+class GzipInflater:
+    """Inflates a gzip body piece by piece into a spool: at most ``piece`` bytes are in memory at once, and the
+    spool's limit applies to the inflated bytes, so a zip bomb stops at the limit. Concatenated members are one
+    stream, as gzip itself reads them."""
+
+    def __init__(self, spool: UploadSpool, piece: int = 1 << 20) -> None:
+        self.spool, self.piece = spool, piece
+        self.received = 0
+        self._gz = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+        self._started = False
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.spool.max_bytes:
+            raise PayloadTooLarge(f"body: upload exceeds the limit of {self.spool.max_bytes} bytes")
+        try:
+            while data:
+                self._started = True
+                self.spool.append(self._gz.decompress(data, self.piece))
+                if self._gz.eof:  # the next member, if any, starts in unused_data
+                    data, self._gz, self._started = self._gz.unused_data, zlib.decompressobj(wbits=zlib.MAX_WBITS | 16), False
+                else:
+                    data = self._gz.unconsumed_tail
+        except zlib.error as err:
+            raise ItemError("body", f"is not valid gzip ({err}); Content-Encoding: gzip needs a gzip-compressed body") from None
+
+    def finish(self) -> None:
+        if self._started:
+            self.spool.append(self._gz.flush())
+            if not self._gz.eof:
+                raise ItemError("body", "the gzip stream ends early (truncated upload)")
+
+
+async def inflated_upload(request: Request, max_bytes: int) -> UploadSpool:
+    """A ``Content-Encoding: gzip`` upload, received and inflated whole into a spool before anything is answered,
+    so that a body whose inflated size passes ``max_bytes`` is refused with 413 (not cut off mid-stream), having
+    written at most ``max_bytes``. Inflating runs in a worker thread: the event loop never does the heavy part."""
+    spool = UploadSpool(max_bytes)
+    inflater = GzipInflater(spool)
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await anyio.to_thread.run_sync(inflater.feed, chunk)
+        inflater.finish()
+    except BaseException:
+        spool.close()
+        raise
+    spool.done = True  # the pump then only waits for the client to leave
+    return spool
+
+
+async def upload_spool(request: Request, max_bytes: int) -> UploadSpool | None:
+    """The spool a /filter upload is read from, by its Content-Encoding: identity is spooled while it is scored;
+    gzip is inflated whole first (``inflated_upload``); any other encoding is refused (415). ``None``: the client
+    left during a gzip upload."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return UploadSpool(max_bytes)
+    if encoding not in ("gzip", "x-gzip"):
+        raise UnsupportedEncoding(f"content-encoding: {encoding!r} is not supported; send gzip or identity")
+    try:
+        return await inflated_upload(request, max_bytes)
+    except ClientDisconnect:
+        return None
 
 
 class UploadStreamingResponse(StreamingResponse):
@@ -119,22 +196,26 @@ def _ref(snapshot: ActiveSubspace, threshold: float | None) -> SubspaceRef:
 @router.post("/score", response_model=ScoreResponse, summary="Score items: a score and a keep/drop verdict each")
 async def score(body: ScoreRequest, service: ScoringService = Depends(get_service)) -> ScoreResponse:
     limit = service.settings.max_items_per_request
-    if len(body.items) > limit:
-        raise PayloadTooLarge(f"items: {len(body.items)} items exceed the limit of {limit} per request")
-    items = [it.to_item() for it in body.items]
-    for i, item in enumerate(items):
-        service.check_size(item, f"items[{i}]")
+    samples = [it.sample for it in body.items]
+    items = [item for sample in samples for item in sample.items]  # a preference item is its two sides
+    if len(items) > limit:
+        raise PayloadTooLarge(f"items: {len(items)} items exceed the limit of {limit} per request"
+                              + (" (a preference item counts as its two sides)" if len(items) > len(samples) else ""))
+    for i, sample in enumerate(samples):
+        for item in sample.items:
+            service.check_size(item, f"items[{i}]")
     snapshot = service.snapshot()
-    results = await service.score(items, snapshot, body.threshold)
+    results = merge_sides(samples, await service.score(items, snapshot, body.threshold))
     return ScoreResponse(
         results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, threshold=r.threshold, truncated=r.truncated,
-                                n_tokens=r.n_tokens)  # type: ignore[arg-type]
+                            n_tokens=r.n_tokens, probability=r.probability, sides=side_records(r) or None)  # type: ignore[arg-type]
                  for it, r in zip(body.items, results, strict=True)],
         subspace=_ref(snapshot, body.threshold),
     )
 
 
-async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[Line]:
+async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape | Literal["auto"] = "auto",
+                 columns: Mapping[str, str] | None = None) -> AsyncIterator[Line]:
     """Numbered lines of the upload, read incrementally; oversize lines become error lines."""
     buffer = bytearray()
     number = 0
@@ -160,9 +241,9 @@ async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIter
             if len(raw) > max_line_bytes:
                 yield Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
             elif raw.strip():  # blank lines keep their number but carry nothing to account for
-                yield parse_line(number, raw)
+                yield parse_line(number, raw, shape, columns)
     if buffer.strip() and not skipping:
-        yield parse_line(number + 1, bytes(buffer))
+        yield parse_line(number + 1, bytes(buffer), shape, columns)
 
 
 @router.post(
@@ -175,19 +256,24 @@ async def filter_stream(
     request: Request,
     emit: Literal["all", "kept", "dropped"] = Query("all", description="Which scored lines to emit; errors and the summary always are."),
     threshold: float | None = Query(None, allow_inf_nan=False, description="Override τ for this request."),
+    shape: Literal["auto", Shape] = Query("auto", alias="format", description="The lines' shape; auto detects it line by line from the keys."),
+    columns: str | None = Query(None, description="Key mapping, canonical=yours, comma-separated: prompt=question,response=answer"),
     service: ScoringService = Depends(get_service),
-) -> StreamingResponse:
+) -> Response:
     settings = service.settings
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise PayloadTooLarge(f"body: {declared} bytes exceed the upload limit of {settings.max_upload_bytes} bytes")
+    mapping = parse_columns(columns) if columns else None
     snapshot = service.snapshot()  # one version for the whole stream
     max_line_bytes = settings.max_chars_per_item * 4 + 4096
-
-    spool = UploadSpool(settings.max_upload_bytes)
+    spool = await upload_spool(request, settings.max_upload_bytes)
+    if spool is None:
+        return Response(status_code=499)  # the client left before its gzip upload was in: nobody to answer
 
     async def records() -> AsyncIterator[bytes]:
         counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
+        shapes: Counter[str] = Counter()
         pending: list[Line] = []
 
         async def flush() -> AsyncIterator[bytes]:
@@ -198,15 +284,19 @@ async def filter_stream(
                     errors[line.number] = line.error or "invalid"
                     continue
                 try:
-                    service.check_size(line.item, "item")
+                    for item in line.items:
+                        service.check_size(item, "item")
                     valid.append(line)
                 except ItemTooLarge as err:
                     errors[line.number] = str(err)
             # A stream cannot answer 429 halfway: it stands in line for capacity, ahead of later callers.
-            scored = await service.score([line.item for line in valid], snapshot, threshold, wait=True) if valid else []  # type: ignore[misc]
+            items = [item for line in valid for item in line.items]
+            scored = merge_sides(valid, await service.score(items, snapshot, threshold, wait=True)) if valid else []
             by_number = {line.number: s for line, s in zip(valid, scored, strict=True)}
             for line in pending:
                 counts["total"] += 1
+                if line.shape is not None:
+                    shapes[line.shape] += 1
                 if line.number in errors:
                     counts["rejected"] += 1
                     metrics.REJECTED_LINES.inc()
@@ -217,12 +307,16 @@ async def filter_stream(
                 if emit == "all" or (emit == "kept") == (s.verdict == "keep"):
                     rec = {"line": line.number, "id": (line.obj or {}).get("id"), "verdict": s.verdict, "score": s.score,
                            "threshold": s.threshold, "truncated": s.truncated, "n_tokens": s.n_tokens, "item": line.obj}
+                    if s.probability is not None:
+                        rec["probability"] = s.probability
+                    if s.sides:
+                        rec["sides"] = side_records(s)
                     yield orjson.dumps(rec) + b"\n"
             pending.clear()
 
         aborted = None
         try:
-            async for line in _lines(spool.chunks(), max_line_bytes):
+            async for line in _lines(spool.chunks(), max_line_bytes, shape, mapping):
                 pending.append(line)
                 if len(pending) >= settings.filter_chunk_lines:
                     async for out in flush():
@@ -233,7 +327,7 @@ async def filter_stream(
             yield out
         if aborted is not None:  # the status line is already sent: say it in the stream
             yield orjson.dumps({"line": None, "error": f"{aborted}; the rest of the upload was not read"}) + b"\n"
-        summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None)
+        summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None, shapes=dict(shapes))
         yield orjson.dumps(summary.model_dump()) + b"\n"
 
     return UploadStreamingResponse(records(), spool, media_type="application/x-ndjson")

@@ -19,6 +19,8 @@ from app.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
 from app.service import REFIT_UPLOAD, ScoringService
 from app.subspace import FitError
 
+_FIT = FitOptions()  # the refit's defaults are the fit's (one place: FitOptions)
+
 router = APIRouter(prefix="/subspace", tags=["subspace"])
 
 
@@ -72,14 +74,17 @@ async def refit(
     request: Request,
     layers: str = Query(",".join(map(str, DEFAULT_FIT_EMBEDDING.layers)), description="Comma-separated layer indices (negative from the end).", pattern=r"^-?\d+(,-?\d+)*$"),
     pooling: Literal["last", "mean", "response"] = DEFAULT_FIT_EMBEDDING.pooling,
-    template: Literal["chat", "plain"] = DEFAULT_FIT_EMBEDDING.template,
+    template: Literal["judge", "chat", "plain"] = DEFAULT_FIT_EMBEDDING.template,
     max_length: int = Query(DEFAULT_FIT_EMBEDDING.max_length, ge=8, le=32768),
     truncation_side: Literal["left", "right"] = DEFAULT_FIT_EMBEDDING.truncation_side,
     method: Literal["auto", "saft", "lda"] = Query("auto", description="auto: lda when the upload is labelled, else saft"),
-    k: int = Query(1, ge=1, le=4096),
-    center: Literal["global", "kind"] = "kind",
-    standardize: bool = True,
-    shrinkage: float = Query(0.5, ge=0.0, le=1.0),
+    k: int = Query(_FIT.k, ge=1, le=4096),
+    center: Literal["global", "kind"] = _FIT.center,  # type: ignore[assignment]
+    standardize: bool = _FIT.standardize,
+    shrinkage: float = Query(_FIT.shrinkage, ge=0.0, le=1.0),
+    balance: Literal["item", "source"] = Query(_FIT.balance, description="item: every line weighs the same; source: every "  # type: ignore[assignment]
+                                               "'source' field value weighs the same within its label"),
+    nuisance: int = Query(_FIT.nuisance, ge=0, le=64, description="lda: directions of between-benign-source spread projected out"),
     policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
     activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
     strict: bool = Query(False, description="Fail at the first invalid line instead of rejecting it (listed in the manifest)."),
@@ -87,7 +92,8 @@ async def refit(
 ) -> RefitAccepted:
     options = FitOptions(
         embedding=EmbeddingConfig(tuple(int(x) for x in layers.split(",")), pooling, template, max_length, truncation_side),
-        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, policy=ThresholdPolicy.parse(policy) if policy else None,
+        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
+        policy=ThresholdPolicy.parse(policy) if policy else None,
     )
     service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
     limit = service.settings.max_upload_bytes

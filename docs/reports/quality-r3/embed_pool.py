@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     args.out.mkdir(parents=True, exist_ok=True)
     rows, items = load_pool(args.data)
     (args.out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -84,7 +84,9 @@ def main() -> None:
     shuffled = [short[i] for i in np.random.default_rng(1).permutation(len(short))]
     order = os.environ.get("UNITS", "chat:short,judge:shortr,chat:pairs,judge:pairs").split(",")
     lists = {"short": short, "shortr": shuffled, "pairs": pairs}
-    units = [(u.split(":")[0], u.split(":")[1], lists[u.split(":")[1]]) for u in order]
+    # "judge:shortr:2560" stops that unit after its first 2,560 items (a random subsample).
+    units = [(u.split(":")[0], u.split(":")[1], lists[u.split(":")[1]][: int(u.split(":")[2]) if u.count(":") == 2 else None])
+             for u in order]
     for template, unit, idxs in units:
         config = EmbeddingConfig(layers=layers, pooling="mean", template=template, max_length=args.max_length)  # type: ignore[arg-type]
         (args.out / template).mkdir(exist_ok=True)

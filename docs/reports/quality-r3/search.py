@@ -3,8 +3,7 @@
 Reads the cache of ``embed_pool.py``. For each variant and each held-out source (or family), fits on the rest
 and scores the held-out items; reports per data kind (prompt / text / pair) the AUROC of the pooled
 out-of-source scores, TPR at 5% FPR, and per source the share dropped (benign) or caught (harmful) at a
-per-kind τ set at 5% FPR on the training benign items. Per-(source, kind, label) moments are computed once
-per feature set, so a fold is a sum of cells and one linear solve.
+per-kind τ set at 5% FPR on the training items (``app.crossval``, the code behind ``saft crossval``).
 
     .venv/bin/python docs/reports/quality-r3/search.py --cache /work/cache/pool --out docs/reports/quality-r3/search.json
 
@@ -22,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from app.crossval import EmbeddedPool, crossval
+from app.pipeline import FitOptions
+from app.quality import ThresholdPolicy
 
 FAMILIES = json.loads((Path(__file__).parent / "families.json").read_text())
 FAMILY_OF = {s: f for f, ss in FAMILIES.items() if not f.startswith("_") for s in ss}
@@ -66,76 +69,18 @@ def tpr_at(y, s, fpr=0.05):
     return float(t[f <= fpr].max())
 
 
-def fit_direction(X, w, y, ik, *, shrinkage, center, nuisance, standardize=True, benign_sources=None, src=None):
-    """Weighted LDA in the product's stored form; returns (centers per item kind, scale, direction)."""
-    centers = {}
-    for k in ("text", "pair"):
-        m = (ik == k) & ((y == 0) if center == "benign" else np.ones_like(y, bool))
-        if m.any():
-            centers[k] = np.average(X[m], axis=0, weights=w[m])
-    Z = X - np.where((ik == "pair")[:, None], centers.get("pair", 0), centers.get("text", 0))
-    var = np.average(Z**2, axis=0, weights=w)
-    scale = np.sqrt(np.maximum(var, 1e-12)) if standardize else np.ones(X.shape[1])
-    Z = Z / scale
-    mu = {c: np.average(Z[y == c], axis=0, weights=w[y == c]) for c in (0, 1)}
-    D = Z - np.where((y == 1)[:, None], mu[1], mu[0])
-    W = (D * w[:, None]).T @ D / w.sum()
-    d = X.shape[1]
-    delta = mu[1] - mu[0]
-    if nuisance:
-        # Directions along which benign sources' means differ (format / topic / source), projected out.
-        means = []
-        for s in np.unique(src[y == 0]):
-            m = (src == s) & (y == 0)
-            means.append(np.average(Z[m], axis=0, weights=w[m]))
-        M = np.stack(means)
-        M = M - M.mean(0)
-        U = np.linalg.svd(M, full_matrices=False)[2][:nuisance].T
-        P = np.eye(d) - U @ U.T
-        W = P @ W @ P
-        delta = P @ delta
-    cov = (1 - shrinkage) * W + shrinkage * np.trace(W) / d * np.eye(d)
-    v = np.linalg.solve(cov, delta)
-    if nuisance:
-        v = P @ v
-    return centers, scale, v / np.linalg.norm(v)
-
-
-def score(X, ik, centers, scale, v):
-    Z = X - np.where((ik == "pair")[:, None], centers.get("pair", 0), centers.get("text", 0))
-    return (Z / scale) @ v
-
-
-def weights(pool: Pool, idx, balance: str):
-    if balance == "item":
-        return np.ones(len(idx))
-    cell = np.char.add(np.char.add(pool.source[idx], "|"), pool.label[idx].astype(str))
-    _, inv, counts = np.unique(cell, return_inverse=True, return_counts=True)
-    w = 1.0 / counts[inv]
-    if balance == "sqrt":
-        w = 1.0 / np.sqrt(counts[inv])
-    return w / w.mean()
-
-
-def crossval(X, have, pool: Pool, by: str, **fit):
-    balance = fit.pop("balance")
-    unit = pool.source if by == "source" else np.asarray([FAMILY_OF.get(s, s) for s in pool.source])
+def crossval_variant(X, have, pool: Pool, by: str, *, balance, shrinkage, center, nuisance):
+    """The product's own source-held-out evaluation (``app.crossval``) on cached vectors."""
+    idx = np.flatnonzero(have)
+    ep = EmbeddedPool(X[idx].astype(np.float32), pool.label[idx], pool.item_kind[idx].tolist(), pool.kind[idx].tolist(),
+                      pool.source[idx].tolist(), pool.group[idx].tolist())
+    options = FitOptions(method="lda", center=center, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
+                         policy=ThresholdPolicy("fpr", 0.05))
+    r = crossval(ep, options, by=by, families=FAMILY_OF)  # type: ignore[arg-type]
     out = np.full(len(pool.label), np.nan)
     drop = np.zeros(len(pool.label), bool)
-    for u in np.unique(unit[have]):
-        test = have & (unit == u)
-        # Groups never straddle: a near-duplicate of a held-out item is held out of training too.
-        train = np.flatnonzero(have & (unit != u) & ~np.isin(pool.group, np.unique(pool.group[test])))
-        w = weights(pool, train, balance)
-        centers, scale, v = fit_direction(X[train], w, pool.label[train], pool.item_kind[train], src=pool.source[train], **fit)
-        s_train = score(X[train], pool.item_kind[train], centers, scale, v)
-        taus = {}
-        for k in ("text", "pair"):
-            m = (pool.item_kind[train] == k) & (pool.label[train] == 0)
-            taus[k] = np.quantile(s_train[m], 0.95)
-        t = np.flatnonzero(test)
-        out[t] = score(X[t], pool.item_kind[t], centers, scale, v)
-        drop[t] = out[t] > np.asarray([taus[k] for k in pool.item_kind[t]])
+    out[idx] = r["scores"]
+    drop[idx] = r["scores"] > r["thresholds"]
     return out, drop
 
 
@@ -185,9 +130,11 @@ def main():
     ap.add_argument("--by", default="source,family")
     ap.add_argument("--balance", default="item,source")
     ap.add_argument("--shrinkage", default="0.5")
-    ap.add_argument("--center", default="all,benign")
+    ap.add_argument("--center", default="kind")
     ap.add_argument("--nuisance", default="0")
     ap.add_argument("--kinds", default="", help="restrict to item kinds (text,pair) present in the cache")
+    ap.add_argument("--data-kinds", default="", help="restrict to data kinds (prompt,text,pair)")
+    ap.add_argument("--same-as", default="", help="restrict to the items another template's cache holds (a fair comparison)")
     args = ap.parse_args()
     pool = load_pool(args.cache)
     all_layers = (4, 8, 12, 16, 20)
@@ -199,11 +146,15 @@ def main():
             continue
         if args.kinds:
             have &= np.isin(pool.item_kind, args.kinds.split(","))
+        if args.same_as:
+            have &= load_cache(args.cache, args.same_as, "mean", [0])[1]
+        if args.data_kinds:
+            have &= np.isin(pool.kind, args.data_kinds.split(","))
         X = X.astype(np.float64)
         for by, balance, shr, center, nui in itertools.product(args.by.split(","), args.balance.split(","),
                                                                map(float, args.shrinkage.split(",")), args.center.split(","),
                                                                map(int, args.nuisance.split(","))):
-            out, drop = crossval(X, have, pool, by, balance=balance, shrinkage=shr, center=center, nuisance=nui)
+            out, drop = crossval_variant(X, have, pool, by, balance=balance, shrinkage=shr, center=center, nuisance=nui)
             r = summarize(out, drop, have, pool)
             name = f"{template}/{pooling}/L{layer_set}/{by}/{balance}/s{shr}/{center}/n{nui}"
             print(line(name, r), flush=True)
