@@ -123,6 +123,7 @@ StandardizeOpt = Annotated[bool, typer.Option(help="Per-dimension standardizatio
 ShrinkageOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
 BalanceOpt = Annotated[str, typer.Option(help="item (every line weighs the same) | source (every 'source' weighs the same within its label)")]
 NuisanceOpt = Annotated[int, typer.Option(min=0, help="lda: directions of between-benign-source spread projected out.")]
+CrossFitOpt = Annotated[str, typer.Option(help="source: choose τ and P(harmful) on source-held-out scores (needs labels and 2+ sources) | none: on the fit's own scores")]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without); chosen per item kind")]
 EmbeddingsOpt = Annotated[Path | None, typer.Option("--embeddings", help="Embedding file (saft embed): lines it holds are not embedded again; new ones are added to it.")]
 DataArg = Annotated[list[Path], typer.Argument(help="Data files (.jsonl[.gz|.zst], .json, .parquet; labelled or not); several are read as one set.", exists=True, dir_okay=False)]
@@ -146,11 +147,12 @@ def _shapes(lines: Iterator[Line], counts: dict[str, int]) -> Iterator[Line]:
 
 
 def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str, k: int,
-                 center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None) -> FitOptions:
+                 center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None,
+                 cross_fit: str = _FIT.cross_fit) -> FitOptions:
     return FitOptions(
         embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
         method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
-        policy=ThresholdPolicy.parse(policy) if policy else None,
+        policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit,
     )
 
 
@@ -198,6 +200,7 @@ def fit(
     shrinkage: ShrinkageOpt = _FIT.shrinkage,
     balance: BalanceOpt = _FIT.balance,
     nuisance: NuisanceOpt = _FIT.nuisance,
+    cross_fit: CrossFitOpt = _FIT.cross_fit,
     threshold_policy: PolicyOpt = None,
     embeddings: EmbeddingsOpt = None,
     shape: FormatOpt = "auto",
@@ -211,7 +214,7 @@ def fit(
     name = name or settings.subspace_name
     try:
         options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
-                               shrinkage, balance, nuisance, threshold_policy)
+                               shrinkage, balance, nuisance, threshold_policy, cross_fit)
         embedder = _load_embedder(model)
         embed, stored = _embed_fn(embedder, options.embedding, embeddings)
         with _progress("embedding calibration", sum(_count_lines(p) for p in calibration)) as advance:
@@ -290,6 +293,7 @@ def crossval_(
     shrinkage: ShrinkageOpt = _FIT.shrinkage,
     balance: BalanceOpt = _FIT.balance,
     nuisance: NuisanceOpt = _FIT.nuisance,
+    cross_fit: CrossFitOpt = _FIT.cross_fit,
     threshold_policy: PolicyOpt = None,
     embeddings: EmbeddingsOpt = None,
     shape: FormatOpt = "auto",
@@ -306,7 +310,7 @@ def crossval_(
 
     try:
         options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
-                               shrinkage, balance, nuisance, threshold_policy)
+                               shrinkage, balance, nuisance, threshold_policy, cross_fit)
         family_of = {}
         if families is not None:
             spec = json.loads(families.read_text())
@@ -345,6 +349,7 @@ def crossval_(
     result = {"data": [p.name for p in data], "model": embedder.model_id, "embedding": config.as_dict(),
               "fit": {"method": resolved.method, "k": resolved.k, "center": resolved.center, "standardize": resolved.standardize,
                       "shrinkage": resolved.shrinkage, "balance": resolved.balance, "nuisance": resolved.nuisance,
+                      "cross_fit": resolved.cross_fit,
                       "policy": resolved.policy.as_dict() if resolved.policy else None},
               "rejected": {"count": len(rejected), "lines": rejected[:100]}, **result}
     report = report or Path("reports") / f"crossval-{by}.html"

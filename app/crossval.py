@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.pipeline import FitOptions
-from app.quality import choose_thresholds, grouped_quality
+from app.quality import ThresholdError, choose_thresholds, grouped_quality
 from app.subspace import FitError, MomentAccumulator, Subspace
 
 FoldBy = Literal["source", "family"]
@@ -73,27 +73,50 @@ def crossval(
         raise FitError(f"crossval needs at least 2 {by}s; the data has {len(set(units.tolist()))} (give each line a 'source')")
     acc = MomentAccumulator(pool.vectors.shape[1], max_cells=1024)
     acc.update(pool.vectors, item_kinds.tolist(), labels.tolist(), sources.tolist())
+
+    group_ids = np.unique(groups, return_inverse=True)[1]  # integers: a fold's group test is then one lookup
+
+    def fit_without(held: np.ndarray) -> tuple[Subspace, np.ndarray]:
+        """The fit on every row but ``held`` and their near-duplicates (whole groups), and its training mask."""
+        out_groups = np.zeros(group_ids.max() + 1, dtype=bool)
+        out_groups[group_ids[held]] = True
+        train = ~held & ~out_groups[group_ids]
+        near = ~held & ~train
+        fold = acc.without(set(sources[held].tolist()))
+        if near.any():  # near-duplicates of held-out items in other sources: out of this fold's training too
+            fold = fold.minus(pool.vectors[near], item_kinds[near].tolist(), labels[near].tolist(), sources[near].tolist())
+        if len(set(labels[train].tolist())) < 2:
+            raise FitError(f"crossval: without {by} {sorted(set(units[held].tolist()))} the training data has one label only")
+        return make_subspace(options).fit_moments(fold), train
+
+    cross_fit = options.cross_fit == "source"
+    unit_ids = {u: units == u for u in sorted(set(units.tolist()))}  # one boolean mask per unit, computed once
     scores = np.full(len(labels), np.nan)
     taus = np.full(len(labels), np.nan)
     folds = []
-    for unit in sorted(set(units.tolist())):
-        test = units == unit
-        train = ~test & ~np.isin(groups, np.unique(groups[test]))
-        y_train = labels[train]
-        if len(set(y_train.tolist())) < 2:
-            raise FitError(f"crossval: without {by} {unit!r} the training data has only label {y_train[0]}")
-        fold = acc.without(set(sources[test].tolist()))
-        near = ~test & ~train  # near-duplicates of held-out items in other sources: out of this fold's training too
-        if near.any():
-            fold = fold.copy()
-            fold.update(pool.vectors[near], item_kinds[near].tolist(), labels[near].tolist(), sources[near].tolist(), remove=True)
-        sub = make_subspace(options).fit_moments(fold)
+    for unit, test in unit_ids.items():
+        sub, train = fit_without(test)
         all_scores = sub.score_samples(pool.vectors, item_kinds.tolist())
-        overall, by_kind = choose_thresholds(all_scores[train], y_train, item_kinds[train].tolist(), policy)
+        basis = all_scores
+        if cross_fit:  # τ as the product chooses it: on the training sources' own held-out scores (nested)
+            basis = np.full(len(labels), np.nan)
+            for inner in sorted(set(units[train].tolist())):
+                held = test | unit_ids[inner]
+                try:
+                    inner_sub, _ = fit_without(held)
+                except FitError:  # too few sources left for this pair held out: its rows set no τ
+                    continue
+                rows = train & unit_ids[inner]
+                basis[rows] = inner_sub.score_samples(pool.vectors[rows], item_kinds[rows].tolist())
+        fold_train = train & np.isfinite(basis)
+        try:
+            overall, by_kind = choose_thresholds(basis[fold_train], labels[fold_train], item_kinds[fold_train].tolist(), policy)
+        except ThresholdError:  # too few sources for nested held-out scores of both labels: the fold's own scores
+            overall, by_kind = choose_thresholds(all_scores[train], labels[train], item_kinds[train].tolist(), policy)
         scores[test] = all_scores[test]
         taus[test] = [by_kind.get(k, overall) for k in item_kinds[test]]
         folds.append({"held_out": unit, "n_test": int(test.sum()), "n_train": int(train.sum()),
-                      "n_left_out_near_duplicates": int(near.sum()), "thresholds": by_kind})
+                      "n_left_out_near_duplicates": int((~test & ~train).sum()), "thresholds": by_kind})
         if progress is not None:
             progress(unit)
     metrics = grouped_quality(labels, scores, taus, {"kind": pool.kinds, "source": pool.sources})

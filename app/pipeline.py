@@ -7,6 +7,7 @@ Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queue
 from __future__ import annotations
 
 import base64
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,8 @@ from app.items import Item, ItemError, Sample, Shape, parse_label, parse_sample
 from app.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
 from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
 from app.subspace import FitError, MomentAccumulator, Subspace
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 
@@ -115,16 +118,18 @@ def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-# The embedding a fit uses unless told otherwise (CLI and refit API take their defaults from it): layer 20's
-# mean state over at most 512 tokens, keeping the end of longer items — 256 cut the response of too many pairs.
-DEFAULT_FIT_EMBEDDING = EmbeddingConfig(layers=(20,), pooling="mean", template="chat", max_length=512, truncation_side="left")
+# The embedding a fit uses unless told otherwise (CLI and refit API take their defaults from it): layer 16's state
+# averaged over the response of a pair (the whole item for a text), at most 512 tokens keeping the end of longer
+# items — chosen by the source-held-out search of docs/QUALITY.md (round 3).
+DEFAULT_FIT_EMBEDDING = EmbeddingConfig(layers=(16,), pooling="response", template="chat", max_length=512, truncation_side="left")
 
 
 @dataclass
 class FitOptions:
     """What a fit may vary. The defaults reproduce the committed default subspace (see docs/QUALITY.md):
-    with labels, a shrinkage discriminant on layer 20's mean state, centered per kind, τ at 5% FPR;
-    without labels, the paper's SAFT score on the same embedding, τ dropping the top 10%."""
+    with labels, a shrinkage discriminant on layer 16's response state, centered per kind, every source
+    weighing the same, τ per kind at 5% FPR of source-held-out scores; without labels, the paper's SAFT score on
+    the same embedding, τ dropping the top 10%."""
 
     embedding: EmbeddingConfig = DEFAULT_FIT_EMBEDDING
     method: str = "auto"  # "auto": "lda" when the calibration set is labelled, else "saft"
@@ -132,9 +137,13 @@ class FitOptions:
     center: str = "kind"
     standardize: bool = True
     shrinkage: float = 0.5
-    balance: str = "item"
+    balance: str = "source"
     nuisance: int = 0
     policy: ThresholdPolicy | None = None  # None: fpr:0.05 with labels, drop_rate:0.1 without
+    #: "source": with labels and at least two sources, τ and the probability map are chosen on source-held-out
+    #: scores (each source scored by a fit without it, ``app.crossval``), so they hold on sources the fit never
+    #: saw; in-sample scores would set τ too low for new data. "none": on the fit's own (in-sample) scores.
+    cross_fit: str = "source"
 
     def resolved(self, labelled: bool) -> FitOptions:
         """The options with "auto" choices made for labelled or unlabelled data."""
@@ -225,7 +234,7 @@ def fit_lines(
     acc = MomentAccumulator(embedder.dim(config))
     spool = EmbeddingSpool(acc.dim)
     labels: list[int | None] = []
-    meta: dict[str, list[str]] = {"kind": [], "source": [], "item_kind": []}
+    meta: dict[str, list[str]] = {"kind": [], "source": [], "item_kind": [], "group": []}
     n_truncated = 0
     try:
         embed = embed or direct_embed(embedder)
@@ -244,6 +253,7 @@ def fit_lines(
             meta["item_kind"].extend(kinds)
             meta["kind"].extend(str((line.obj or {}).get("kind", kind)) for line, kind in zip(chunk, kinds, strict=True))
             meta["source"].extend(str((line.obj or {}).get("source", "unknown")) for line in chunk)
+            meta["group"].extend(str((line.obj or {}).get("group", f"line {line.number}")) for line in chunk)
             n_truncated += sum(e.truncated for e in encoded)
         options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
@@ -257,18 +267,29 @@ def fit_lines(
         ).fit_moments(acc)
         kinds_iter = iter(chunks(meta["item_kind"], 4096))
         scores = np.concatenate([subspace.score_samples(X, next(kinds_iter)) for X in spool.batches(4096)])
+        y = np.asarray(labels, dtype=int) if labels and labels[0] is not None else None
+        held_out = None
+        if options.cross_fit == "source" and y is not None and len(set(meta["source"])) >= 2:
+            held_out = _source_held_out(spool, y, meta, options)
+        elif options.cross_fit not in ("none", "source"):
+            raise FitError(f"cross_fit must be 'none' or 'source', got {options.cross_fit!r}")
     finally:
         spool.close()
 
-    y = np.asarray(labels, dtype=int) if labels and labels[0] is not None else None
+    # τ and P(harmful) per kind: on source-held-out scores where the fit cross-fits, else on its own.
+    basis = scores if held_out is None else held_out["scores"]
     try:
-        threshold, thresholds = choose_thresholds(scores, y, meta["item_kind"], options.policy)
+        threshold, thresholds = choose_thresholds(basis, y, meta["item_kind"], options.policy)
     except ThresholdError as err:
         raise FitError(str(err)) from None
     taus = np.asarray([thresholds.get(kind, threshold) for kind in meta["item_kind"]])
     quality = grouped_quality(y, scores, taus, {"kind": meta["kind"], "source": meta["source"]}) if y is not None else {}
-    # P(harmful) per item kind, from the labels the fit already has (an unlabelled fit has no probability).
-    calibrated = fit_calibration(scores, y, meta["item_kind"]) if y is not None else None
+    if held_out is not None:
+        quality = {"calibration": quality, "source_held_out": held_out["summary"]}
+    elif quality:
+        quality = {"calibration": quality}
+    # An unlabelled fit has no probability.
+    calibrated = fit_calibration(basis, y, meta["item_kind"]) if y is not None else None
     manifest = Manifest(
         name=name,
         model_id=embedder.model_id,
@@ -294,10 +315,28 @@ def fit_lines(
             "counts": acc.counts(),
             "rejected": {"count": len(bad), "lines": bad[:100]},
         },
-        quality={"calibration": quality} if quality else {},
+        quality=quality,
         probability=calibrated,
     )
     return FitResult(subspace, manifest, scores, y, meta)
+
+
+def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[str]], options: FitOptions) -> dict[str, Any] | None:
+    """Each calibration item scored by a fit without its source (``app.crossval``), and the summary a manifest keeps."""
+    from app.crossval import EmbeddedPool, crossval  # crossval builds on this module's FitOptions
+
+    vectors = np.concatenate(list(spool.batches(4096)))
+    pool = EmbeddedPool(vectors, y, meta["item_kind"], meta["kind"], meta["source"], meta["group"])
+    try:
+        result = crossval(pool, options, by="source")
+    except FitError as err:  # e.g. each source holds one label only: nothing to hold out
+        log.warning("cross-fitting skipped: %s", err)
+        return None
+    keep = ("n", "n_harmful", "auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "fpr_at_threshold", "recall")
+    summary = {"by": "source", "n_folds": result["n_folds"],
+               "by_kind": {k: {c: m[c] for c in keep if c in m} for k, m in result["metrics"]["by_kind"].items()},
+               **{k: result[k] for k in ("worst_benign_source", "worst_harmful_source") if k in result}}
+    return {"scores": result["scores"], "summary": summary}
 
 
 @dataclass(frozen=True, slots=True)

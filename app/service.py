@@ -612,5 +612,6 @@ class ScoringService:
 
 def _options_dict(options: FitOptions) -> dict[str, Any]:
     return {"embedding": options.embedding.as_dict(), "method": options.method, "k": options.k, "center": options.center,
-            "standardize": options.standardize, "shrinkage": options.shrinkage,
+            "standardize": options.standardize, "shrinkage": options.shrinkage, "balance": options.balance,
+            "nuisance": options.nuisance, "cross_fit": options.cross_fit,
             "policy": options.policy.as_dict() if options.policy else "auto"}

@@ -92,9 +92,13 @@ class MomentAccumulator:
             m.s += sign * rows.sum(axis=0)
             m.S += sign * (rows.T @ rows)
 
-    def copy(self) -> MomentAccumulator:
-        groups = {key: _Moments(m.n, m.s.copy(), m.S.copy()) for key, m in self.groups.items()}
-        return MomentAccumulator(self.dim, self.shift, groups, self.max_cells)
+    def minus(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None], sources: Sequence[str]) -> MomentAccumulator:
+        """These statistics less the given rows (added before); only the cells they touch are copied."""
+        keys = set(zip(kinds, labels, sources, strict=True))
+        groups = {key: (_Moments(m.n, m.s.copy(), m.S.copy()) if key in keys else m) for key, m in self.groups.items()}
+        out = MomentAccumulator(self.dim, self.shift, groups, self.max_cells)
+        out.update(X, kinds, labels, sources, remove=True)
+        return out
 
     @property
     def n(self) -> int:
@@ -217,28 +221,41 @@ class Subspace:
         d = acc.dim
         shift = acc.shift
         weight = acc.weights(self.balance)
-        # Weighted sums per cell: (w·n, w·Σf, w·Σffᵀ) in shifted coordinates.
-        cells = {key: (weight[key] * m.n, weight[key] * m.s, weight[key] * m.S) for key, m in acc.groups.items()}
-        n_w = sum(c[0] for c in cells.values())
-        total_mean = sum(c[1] for c in cells.values()) / n_w
-        kinds = sorted({key[0] for key in cells})
+        # Weighted sums per (kind, label) — (Σw·n, Σw·f, Σw·ffᵀ), shifted coordinates — summed in place, so a fit
+        # over many source cells costs one d² pass per cell and no d² temporaries per cell.
+        sums: dict[tuple[str, int | None], tuple[float, np.ndarray, np.ndarray]] = {}
+        for key, m in acc.groups.items():
+            w = weight[key]
+            n_g, s_g, S_g = sums.get(key[:2], (0.0, np.zeros(d), np.zeros((d, d))))
+            S_g += m.S if w == 1.0 else w * m.S
+            sums[key[:2]] = (n_g + w * m.n, s_g + w * m.s, S_g)
+        n_w = sum(g[0] for g in sums.values())
+        total_mean = sum(g[1] for g in sums.values()) / n_w
+        kinds = sorted({key[0] for key in sums})
         if self.center == "kind":
-            centers = {k: sum(c[1] for key, c in cells.items() if key[0] == k) / sum(c[0] for key, c in cells.items() if key[0] == k)
+            centers = {k: sum(g[1] for key, g in sums.items() if key[0] == k) / sum(g[0] for key, g in sums.items() if key[0] == k)
                        for k in kinds}
         else:
             centers = {k: total_mean for k in kinds}
 
-        def about(key: Cell) -> tuple[float, np.ndarray, np.ndarray]:
-            """A cell's weighted sums about its kind's center."""
-            w_n, w_s, w_S = cells[key]
+        def about(key: tuple[str, int | None]) -> tuple[float, np.ndarray, np.ndarray]:
+            """A group's weighted sums about its kind's center."""
+            w_n, w_s, w_S = sums[key]
             c = centers[key[0]]
             return w_n, w_s - w_n * c, w_S - np.outer(w_s, c) - np.outer(c, w_s) + w_n * np.outer(c, c)
 
-        centered = {key: about(key) for key in cells}
+        centered = {key: about(key) for key in sums}
         S = sum(c[2] for c in centered.values())
         variances = np.clip(np.diag(S) / n_w, 0.0, None)
         scale = np.maximum(np.sqrt(variances), _MIN_SCALE) if self.standardize else np.ones(d)
         inv = 1.0 / scale
+        # The nuisance directions need each benign source's mean about its kind's center (vectors only).
+        benign_means = {}
+        if self.method == "lda" and self.nuisance:
+            for source in sorted({key[2] for key in acc.groups if key[1] == 0}):
+                parts = [(weight[key] * m.n, weight[key] * (m.s - m.n * centers[key[0]]))
+                         for key, m in acc.groups.items() if key[1] == 0 and key[2] == source]
+                benign_means[source] = sum(p[1] for p in parts) / sum(p[0] for p in parts)
 
         if self.method == "saft":
             n_centers = len(centers) if self.center == "kind" else 1
@@ -258,7 +275,7 @@ class Subspace:
             singular_values = np.sqrt(top)
             signed = False
         else:
-            components, singular_values = self._discriminant(centered, n_w, inv)
+            components, singular_values = self._discriminant(centered, benign_means, n_w, inv)
             signed = True
 
         self.kinds_ = tuple(kinds)
@@ -272,8 +289,8 @@ class Subspace:
         self.n_features_in_ = d
         return self
 
-    def _discriminant(self, centered: dict[Cell, tuple[float, np.ndarray, np.ndarray]], n_w: float,
-                      inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _discriminant(self, centered: dict[tuple[str, int | None], tuple[float, np.ndarray, np.ndarray]],
+                      benign_means: dict[str, np.ndarray], n_w: float, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The shrinkage LDA direction (standardized space), with the benign sources' spread projected out."""
         labelled = {key[1] for key in centered}
         if not {0, 1} <= labelled:
@@ -293,11 +310,7 @@ class Subspace:
         delta = (means[1] - means[0]) * inv
         project = None
         if self.nuisance:
-            sources = sorted({key[2] for key in centered if key[1] == 0})
-            rows = []
-            for source in sources:
-                parts = [c for key, c in centered.items() if key[1] == 0 and key[2] == source]
-                rows.append(sum(p[1] for p in parts) / sum(p[0] for p in parts) * inv)
+            rows = [mean * inv for mean in benign_means.values()]
             if len(rows) <= self.nuisance:
                 raise FitError(f"nuisance={self.nuisance} needs more than {self.nuisance} benign sources; the "
                                f"calibration set has {len(rows)} (a 'source' field on each line names them)")

@@ -58,7 +58,7 @@ def test_fit_publishes_a_version_with_provenance_and_report(fitted: dict, models
     assert manifest.method == "lda" and manifest.threshold_policy.kind == "max_f1"
     assert manifest.quality["calibration"]["overall"]["auroc"] > 0.9  # in-sample, a sanity floor
     html = (tmp_path / "fit.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "ROC" in html
+    assert html.count("data:image/png;base64,") == 3 and "ROC" in html and "reliability curve" in html  # + calibration
 
 
 def test_score_accounts_for_every_line(fitted: dict, tmp_path: Path, dev_rows: list[dict]) -> None:
@@ -111,7 +111,7 @@ def test_eval_reports_per_kind_and_source(fitted: dict, tmp_path: Path, dev_rows
         assert 0.0 <= metrics["overall"][key] <= 1.0
     assert metrics["overall"]["n"] == len(dev_rows)
     assert json.loads((tmp_path / "m.json").read_text())["metrics"] == metrics
-    assert report.read_text().count("data:image/png;base64,") == 2
+    assert report.read_text().count("data:image/png;base64,") == 3  # histograms, ROC/PR, reliability
 
 
 def test_eval_rejects_unlabelled_lines_and_says_so(fitted: dict, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_crossval_holds_out_each_source_and_never_splits_a_group() -> None:
     assert result["metrics"]["by_kind"]["prompt"]["auroc"] > 0.6
     families = crossval(pool, FitOptions(method="lda"), by="family", families={"big_benign": "big", "big_harmful": "big"})
     assert families["n_folds"] == 3
-    with pytest.raises(FitError, match="only label"):
+    with pytest.raises(FitError, match="one label only"):
         crossval(pool, FitOptions(method="lda"), by="family", families={"big_harmful": "h", "small_harmful": "h"})
 
 
@@ -164,3 +164,22 @@ def test_cli_crossval_reports_per_kind_and_per_source_and_reuses_its_embeddings(
     assert second.exit_code == 0, second.output
     assert "embedded and added" not in second.output
     assert json.loads((tmp_path / "cv.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_cross_fitted_tau_is_chosen_on_held_out_scores_and_drops_fewer_benign_items_of_new_sources() -> None:
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(6):  # six sources per label, each at its own offset: a new source's benign items score higher
+        for label in (0, 1):
+            X = rng.normal(size=(60, 5))
+            X[:, 0] += 2.0 * label
+            X[:, 1:] += rng.normal(scale=1.5, size=4)
+            rows += [(x, label, f"src{s}-{label}") for x in X]
+    pool = EmbeddedPool(np.stack([r[0] for r in rows]).astype(np.float32), np.array([r[1] for r in rows]),
+                        ["text"] * len(rows), ["prompt"] * len(rows), [r[2] for r in rows], [str(i) for i in range(len(rows))])
+    plain = crossval(pool, FitOptions(method="lda", balance="source", cross_fit="none"), by="source")
+    nested = crossval(pool, FitOptions(method="lda", balance="source", cross_fit="source"), by="source")
+    assert np.allclose(plain["scores"], nested["scores"])  # the same held-out scores; only τ differs
+    fpr = lambda r: r["metrics"]["by_kind"]["prompt"]["fpr_at_threshold"]  # noqa: E731
+    assert fpr(nested) < fpr(plain)  # in-sample τ underestimates a new source's benign scores
+    assert all(f["thresholds"]["text"] > g["thresholds"]["text"] for f, g in zip(nested["folds"], plain["folds"], strict=True))

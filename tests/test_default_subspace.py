@@ -1,4 +1,5 @@
-"""The committed default subspace loads on the embedded model and separates real harmful from benign items."""
+"""The committed default subspace loads on the embedded model, is what `saft fit` makes of the whole pool with
+the default options, and separates real harmful from benign items of every kind."""
 
 from __future__ import annotations
 
@@ -9,21 +10,32 @@ from app.config import PROJECT_ROOT
 from app.embedding import Embedder
 from app.items import parse_item
 from app.pipeline import FitOptions, direct_embed, score_encoded
+from tests.conftest import DATA_DIR
 
 
 def test_default_subspace_is_compatible_and_detects_harm(embedder: Embedder, dev_rows: list[dict]) -> None:
     subspace, manifest = load_version(PROJECT_ROOT / "models", "default")
     check_compatible(manifest, embedder)  # the committed artifact matches the converted weights
-    assert manifest.method == "lda" and manifest.calibration["n_samples"] == 5392
-    defaults = FitOptions()  # the committed default is what `saft fit calibration.jsonl` gives without options
-    assert manifest.embedding == defaults.embedding and manifest.embedding.max_length == 512
-    assert (manifest.k, manifest.center, manifest.standardize, manifest.shrinkage) == \
-        (defaults.k, defaults.center, defaults.standardize, defaults.shrinkage)
+    # Fitted on the whole labelled pool (calibration + dev_eval + extra_sources), every valid line of it.
+    files = manifest.calibration["path"].split(",")
+    assert files == ["calibration.jsonl", "dev_eval.jsonl", "extra_sources.jsonl"]
+    n_lines = sum(sum(1 for _ in (DATA_DIR / f).open()) for f in files)
+    assert manifest.calibration["n_samples"] + manifest.calibration["rejected"]["count"] == n_lines
+    assert manifest.calibration["rejected"]["count"] == 4  # the four pairs with an empty response
+    defaults = FitOptions()  # the committed default is what `saft fit <pool>` gives without options
+    assert manifest.method == "lda" and manifest.embedding == defaults.embedding
+    assert (manifest.k, manifest.center, manifest.standardize, manifest.shrinkage, manifest.balance, manifest.nuisance) == \
+        (defaults.k, defaults.center, defaults.standardize, defaults.shrinkage, defaults.balance, defaults.nuisance)
+    assert set(manifest.thresholds) == {"text", "pair"} and manifest.threshold_policy.as_dict() == {"kind": "fpr", "value": 0.05}
+    assert manifest.probability is not None  # calibrated P(harmful) per kind
     items = [parse_item(r) for r in dev_rows]
     encoded, vectors = direct_embed(embedder)(items, manifest.embedding)
-    scores = np.array([s.score for s in score_encoded(subspace, manifest, items, encoded, vectors)])
+    scored = score_encoded(subspace, manifest, items, encoded, vectors)
+    scores = np.array([s.score for s in scored])
     labels = np.array([r["label"] for r in dev_rows])
-    # Held-out dev items (behaviour-disjoint from calibration): every harmful one outranks most benign ones.
-    assert scores[labels == 1].mean() > scores[labels == 0].mean()
-    pairs = np.array([np.mean(scores[labels == 0] < s) for s in scores[labels == 1]])
-    assert pairs.mean() > 0.85  # AUROC on this small sample
+    kinds = np.array([r["kind"] for r in dev_rows])
+    for kind in ("prompt", "pair"):  # in-sample for the default (dev is part of its pool): a floor, not a measure
+        m = kinds == kind
+        pairs = np.array([np.mean(scores[m & (labels == 0)] < s) for s in scores[m & (labels == 1)]])
+        assert pairs.mean() > 0.9, kind
+    assert all(s.threshold == manifest.thresholds[item.kind] for s, item in zip(scored, items, strict=True))

@@ -85,6 +85,8 @@ async def refit(
     balance: Literal["item", "source"] = Query(_FIT.balance, description="item: every line weighs the same; source: every "  # type: ignore[assignment]
                                                "'source' field value weighs the same within its label"),
     nuisance: int = Query(_FIT.nuisance, ge=0, le=64, description="lda: directions of between-benign-source spread projected out"),
+    cross_fit: Literal["none", "source"] = Query(_FIT.cross_fit, description="source: τ and P(harmful) from source-held-out "  # type: ignore[assignment]
+                                                 "scores (labelled uploads with 2+ 'source' values)"),
     policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
     activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
     strict: bool = Query(False, description="Fail at the first invalid line instead of rejecting it (listed in the manifest)."),
@@ -93,7 +95,7 @@ async def refit(
     options = FitOptions(
         embedding=EmbeddingConfig(tuple(int(x) for x in layers.split(",")), pooling, template, max_length, truncation_side),
         method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
-        policy=ThresholdPolicy.parse(policy) if policy else None,
+        policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit,
     )
     service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
     limit = service.settings.max_upload_bytes

@@ -75,7 +75,7 @@ def crossval_variant(X, have, pool: Pool, by: str, *, balance, shrinkage, center
     ep = EmbeddedPool(X[idx].astype(np.float32), pool.label[idx], pool.item_kind[idx].tolist(), pool.kind[idx].tolist(),
                       pool.source[idx].tolist(), pool.group[idx].tolist())
     options = FitOptions(method="lda", center=center, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
-                         policy=ThresholdPolicy("fpr", 0.05))
+                         policy=ThresholdPolicy("fpr", 0.05), cross_fit="none")
     r = crossval(ep, options, by=by, families=FAMILY_OF)  # type: ignore[arg-type]
     out = np.full(len(pool.label), np.nan)
     drop = np.zeros(len(pool.label), bool)
