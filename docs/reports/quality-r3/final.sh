@@ -8,7 +8,7 @@ C=${CACHE:-/work/cache}
 R=docs/reports
 py=.venv/bin/python
 [ -f $C/emb-chat-resp-16.npz ] || $py docs/reports/quality-r3/to_embedding_file.py --cache $C/pool --template chat --pooling resp --layer 16 --out $C/emb-chat-resp-16.npz
-[ -f $C/emb-chat-resp-16.npz ] || $py docs/reports/quality-r3/to_embedding_file.py --cache $C/pool --template chat --pooling mean --layer 20 --out $C/emb-chat-mean-20.npz
+[ -f $C/emb-chat-mean-20.npz ] || $py docs/reports/quality-r3/to_embedding_file.py --cache $C/pool --template chat --pooling mean --layer 20 --out $C/emb-chat-mean-20.npz
 $py docs/reports/quality-r3/check_embedding_file.py --file $C/emb-chat-resp-16.npz | tee $R/quality-r3/check-embedding-file.json
 # The default: `saft fit <pool>` with the default options (every line's vector from the embedding file).
 .venv/bin/saft fit $F --name default --embeddings $C/emb-chat-resp-16.npz --report $R/fit-default-v3.html | tee $R/quality-r3/fit-default-v3.json
