@@ -188,7 +188,7 @@ def fitted(embedder: Embedder, calibration_rows: list[dict]):  # type: ignore[no
         return [e for e, _ in pairs], np.stack([v for _, v in pairs])
 
     lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(calibration_rows)]
-    labelled = fit_lines(embedder, lines, OPTIONS, name="caltest", calibration_digest="test", embed=embed)
+    labelled = fit_lines(embedder, lines, replace(OPTIONS, cross_fit="none"), name="caltest", calibration_digest="test", embed=embed)
     unlabelled_rows = [{k: v for k, v in r.items() if k != "label"} for r in calibration_rows]
     unlabelled = fit_lines(embedder, [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(unlabelled_rows)],
                            replace(OPTIONS, method="saft", policy=ThresholdPolicy("drop_rate", 0.1)),
@@ -278,3 +278,18 @@ def test_score_and_filter_return_the_probability(served, fitted, dev_rows: list[
     scored = [x for x in records if "verdict" in x]
     assert [x["id"] for x in scored] == list(range(len(objs))) and records[-1]["summary"] is True
     assert [x["probability"] for x in scored] == pytest.approx([x["probability"] for x in results], abs=1e-9)
+
+
+
+def test_a_cross_fitted_fit_sets_tau_and_probability_on_source_held_out_scores(fitted, embedder, calibration_rows: list[dict]) -> None:
+    in_sample, _, embed = fitted
+    lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(calibration_rows)]
+    crossed = fit_lines(embedder, lines, replace(OPTIONS, cross_fit="source"), name="caltest", calibration_digest="test", embed=embed)
+    m, m0 = crossed.manifest, in_sample.manifest
+    # The same direction (the fit itself does not change), but τ and the probability map from held-out scores.
+    np.testing.assert_allclose(crossed.subspace.components_, in_sample.subspace.components_, rtol=1e-6)
+    held = m.quality["source_held_out"]
+    assert held["by"] == "source" and held["n_folds"] == len({r["source"] for r in calibration_rows})
+    assert set(held["by_kind"]) == {"prompt", "pair"} and "worst_benign_source" in held
+    assert m.thresholds != m0.thresholds and m.probability != m0.probability
+    assert "source_held_out" not in m0.quality

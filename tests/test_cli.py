@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from app.artifacts import list_versions, load_version
 from app.cli import app
 from app.config import get_settings
+from app.pipeline import FitOptions
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -177,7 +178,9 @@ def test_fit_auto_picks_by_labels(models_dir: Path, tmp_path: Path, calibration_
     _, first = load_version(models_dir, "clitest", "v1")
     _, second = load_version(models_dir, "clitest", "v2")
     assert (first.method, first.threshold_policy.kind, first.threshold_policy.value) == ("lda", "fpr", 0.05)
-    assert first.embedding.pooling == "mean" and first.center == "kind" and "calibration" in first.quality
+    defaults = FitOptions()  # the CLI's defaults are FitOptions' (one place)
+    assert (first.embedding.pooling, first.center, first.balance) == (defaults.embedding.pooling, defaults.center, defaults.balance)
+    assert "calibration" in first.quality and first.quality["source_held_out"]["by"] == "source"  # labelled, with sources: cross-fitted
     assert (second.method, second.threshold_policy.kind, second.k) == ("saft", "drop_rate", 2)
     assert second.quality == {}  # nothing to measure without labels
     mixed = write_jsonl(tmp_path / "m.jsonl", calibration_rows[:5] + [{"text": "unlabelled"}])
