@@ -331,14 +331,3 @@ def _table(path: Path, chunk: list[Mapping[str, Any]], schema: pa.Schema, before
         return pa.Table.from_pylist(list(chunk), schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise RecordFileError(path, f"rows {before + 1}-{before + len(chunk)} do not fit the output schema: {err}") from err
-
-
-def _chunks(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
-    chunk: list[Mapping[str, Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
