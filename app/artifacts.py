@@ -26,7 +26,7 @@ from app.calibration import CalibrationError
 from app.calibration import check as check_calibration
 from app.embedding import Embedder, EmbeddingConfig
 from app.quality import ThresholdPolicy
-from app.subspace import Subspace
+from app.subspace import FitStatistics, Subspace
 
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -70,6 +70,9 @@ class Manifest:
     #: score → P(harmful) per item kind (``app.calibration``), fitted on labelled calibration items; None for
     #: unlabelled fits and every version before calibrated probabilities (their manifests have no "probability").
     probability: dict[str, Any] | None = None
+    #: How a refit on an upload came about (``app.pipeline.fit_lines`` with a prior): the strategy, the version it
+    #: started from, the upload's counts, and both versions compared on it; the service adds its activation decision.
+    refit: dict[str, Any] | None = None
 
     def threshold_for(self, kind: str) -> float:
         """The τ that decides an item of ``kind``: its own where the fit chose one, else the single τ."""
@@ -99,6 +102,7 @@ class Manifest:
             "calibration": self.calibration,
             "quality": self.quality,
             **({"probability": self.probability} if self.probability is not None else {}),
+            **({"refit": self.refit} if self.refit is not None else {}),
         }
 
     @classmethod
@@ -128,6 +132,7 @@ class Manifest:
                 calibration=data["calibration"],
                 quality=data.get("quality", {}),
                 probability=data.get("probability"),
+                refit=data.get("refit"),
             )
         except (KeyError, TypeError) as err:
             raise ArtifactError(f"manifest is malformed: missing or wrong field {err}") from None
@@ -219,12 +224,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def subspace_tensors(subspace: Subspace) -> dict[str, np.ndarray]:
+    """The fitted arrays, and the calibration statistics a later refit can start from (``FitStatistics``)."""
+    stats = getattr(subspace, "statistics_", None)
     return {
         "components": subspace.components_,
         "singular_values": subspace.singular_values_,
         "mean": subspace.mean_,
         "kind_means": subspace.kind_means_,
         "scale": subspace.scale_,
+        **(stats.to_tensors() if stats is not None else {}),
     }
 
 
@@ -378,6 +386,10 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
     subspace.signed_ = manifest.signed
     subspace.n_features_in_ = int(tensors["mean"].shape[0])
     subspace.n_samples_ = int(manifest.calibration.get("n_samples", 0))
+    try:
+        subspace.statistics_ = FitStatistics.from_tensors(tensors)
+    except (KeyError, ValueError) as err:
+        raise ArtifactError(f"subspace {name}/{version}: its calibration statistics are malformed ({err})") from None
     return subspace, manifest
 
 

@@ -104,11 +104,23 @@ class Settings(BaseSettings):
     )
     refit_lock_ttl_s: float = Field(15.0, gt=0, description="A crashed replica's refit lock expires after this.")
     job_ttl_s: int = Field(7 * 86400, ge=60, description="How long refit job states are kept in Redis.")
+    refit_guard_min_agreement: float = Field(0.9, ge=0, le=1, description="activate=auto: an unlabeled refit whose verdicts "
+                                             "agree with the active version's on less of the upload is published, not activated.")
+    refit_guard_max_drop_ratio: float = Field(1.5, ge=1, description="activate=auto: ... or whose drop share (benign drop share "
+                                              "where the upload is labelled) moves by more than this factor ...")
+    refit_guard_drop_slack: float = Field(0.02, ge=0, le=1, description="... plus this many points (0.02 = 2 points).")
+    refit_guard_max_auroc_loss: float = Field(0.01, ge=0, le=1, description="activate=auto: a refit whose AUROC on the "
+                                              "upload's labelled lines falls by more than this is published, not activated.")
 
     # --- embedding cache -----------------------------------------------------------------------
     cache_max_bytes: int = Field(256 * 2**20, ge=0, description="In-process cache bound in bytes; 0 turns the cache off.")
     cache_ttl_s: int = Field(86400, ge=1, description="Lifetime of a cached embedding (both tiers).")
     cache_redis: bool = Field(True, description="Share cached embeddings through Redis when SAFT_REDIS_URL is set.")
+
+    def guard_bounds(self) -> dict[str, float]:
+        """The refit guard's bounds (``app.anchoring.GuardBounds``' fields)."""
+        return {"min_agreement": self.refit_guard_min_agreement, "max_drop_ratio": self.refit_guard_max_drop_ratio,
+                "drop_slack": self.refit_guard_drop_slack, "max_auroc_loss": self.refit_guard_max_auroc_loss}
 
     @model_validator(mode="after")
     def _batch_limits_by_device(self) -> Settings:

@@ -17,13 +17,14 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import orjson
 
+from app.anchoring import AnchorWeights, carry_probability, carry_thresholds, check_prior, combined_accumulator, compare, pseudo_labels
 from app.artifacts import Manifest
 from app.calibration import fit_calibration, probability
 from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
 from app.items import Item, ItemError, Sample, Shape, parse_label, parse_sample
 from app.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
 from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
-from app.subspace import FitError, MomentAccumulator, Subspace
+from app.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,13 @@ class FitOptions:
     #: scores (each source scored by a fit without it, ``app.crossval``), so they hold on sources the fit never
     #: saw; in-sample scores would set τ too low for new data. "none": on the fit's own (in-sample) scores.
     cross_fit: str = "source"
+    #: With a prior (the active version, when it stores its calibration statistics and uses the same embedding):
+    #: "combine" adds the upload to what the prior was fitted on — labelled lines as ``labelled_weight`` sources,
+    #: unlabeled ones labelled by the prior's verdicts as ``pseudo_weight`` sources (``app.anchoring``) — and carries
+    #: its τ and P(harmful) over; "replace" fits on the upload alone (unlabeled: the paper's SAFT score).
+    mode: str = "combine"
+    labelled_weight: float = 16.0
+    pseudo_weight: float = 0.25
 
     def resolved(self, labelled: bool) -> FitOptions:
         """The options with "auto" choices made for labelled or unlabelled data."""
@@ -197,6 +205,32 @@ def direct_embed(embedder: Embedder, *, max_batch_tokens: int = 8192, max_batch_
     return embed
 
 
+Prior = tuple[Subspace, Manifest]
+
+
+def same_embedding(prior: Prior, embedder: Embedder, config: EmbeddingConfig) -> bool:
+    """Whether the prior scores the vectors this fit computes (same weights, same embedding config)."""
+    return prior[1].embedding == config and prior[1].weights_digest == embedder.weights_digest
+
+
+def anchor_of(prior: Prior | None, embedder: Embedder, options: FitOptions, config: EmbeddingConfig) -> tuple[FitStatistics | None, str]:
+    """The prior's statistics when this fit combines with them, else None and why not (for the manifest)."""
+    if prior is None:
+        return None, "no active version"
+    if options.mode == "replace":
+        return None, "mode=replace"
+    if options.mode != "combine":
+        raise FitError(f"mode must be 'combine' or 'replace', got {options.mode!r}")
+    if options.method == "saft":
+        return None, "method=saft fits the paper's score on the upload alone"
+    if not same_embedding(prior, embedder, config):
+        return None, "the fit's model or embedding differs from the active version's"
+    try:
+        return check_prior(prior[0]), ""
+    except FitError as err:
+        return None, str(err)
+
+
 def fit_lines(
     embedder: Embedder,
     lines: Iterable[Line],
@@ -208,13 +242,17 @@ def fit_lines(
     progress: Progress | None = None,
     embed: EmbedFn | None = None,
     strict: bool = False,
+    prior: Prior | None = None,
 ) -> FitResult:
     """Stream calibration lines into moments, fit, set τ by the policy, and describe it in a manifest.
 
     An invalid line is rejected with its number and reason, listed in the manifest (``strict``: the
-    first one stops the fit at once, before more embedding work is spent).
+    first one stops the fit at once, before more embedding work is spent). With a ``prior`` (the active
+    version), the fit combines with its statistics where it can (``FitOptions.mode``; the upload may then be
+    partly labelled) and the manifest's ``refit`` compares the two on the upload.
     """
     config = EmbeddingConfig(**{**options.embedding.as_dict(), "layers": embedder.normalize_layers(options.embedding.layers)})
+    anchor, not_combined = anchor_of(prior, embedder, options, config)
     bad: list[str] = []
     first_labelled: list[bool] = []
 
@@ -227,7 +265,7 @@ def fit_lines(
                 continue
             if not first_labelled:
                 first_labelled.append(line.label is not None)
-            elif first_labelled[0] != (line.label is not None):
+            elif first_labelled[0] != (line.label is not None) and anchor is None:
                 raise FitError(f"calibration set mixes labelled and unlabelled lines (line {line.number} differs from the first)")
             yield line
 
@@ -255,6 +293,10 @@ def fit_lines(
             meta["source"].extend(str((line.obj or {}).get("source", "unknown")) for line in chunk)
             meta["group"].extend(str((line.obj or {}).get("group", f"line {line.number}")) for line in chunk)
             n_truncated += sum(e.truncated for e in encoded)
+        if anchor is not None:
+            assert prior is not None
+            return _combine(prior, anchor, spool, labels, meta, options, config, acc, bad, n_truncated,
+                            name=name, calibration_digest=calibration_digest, calibration_path=calibration_path)
         options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
             k=options.k,
@@ -268,6 +310,11 @@ def fit_lines(
         kinds_iter = iter(chunks(meta["item_kind"], 4096))
         scores = np.concatenate([subspace.score_samples(X, next(kinds_iter)) for X in spool.batches(4096)])
         y = np.asarray(labels, dtype=int) if labels and labels[0] is not None else None
+        comparison = None
+        if prior is not None and same_embedding(prior, embedder, config):  # the same vectors: both versions side by side
+            kinds_iter = iter(chunks(meta["item_kind"], 4096))
+            old_scores = np.concatenate([prior[0].score_samples(X, next(kinds_iter)) for X in spool.batches(4096)])
+            comparison = (old_scores, np.asarray([prior[1].threshold_for(k) for k in meta["item_kind"]]))
         held_out = None
         if options.cross_fit == "source" and y is not None and len(set(meta["source"])) >= 2:
             held_out = _source_held_out(spool, y, meta, options)
@@ -317,8 +364,84 @@ def fit_lines(
         },
         quality=quality,
         probability=calibrated,
+        refit=None if prior is None else {
+            "strategy": "saft" if options.method == "saft" else "replace", "mode": options.mode, "not_combined": not_combined,
+            "prior": _prior_ref(prior), "upload": {"n": len(labels), "labelled": 0 if y is None else len(labels)},
+            "comparison": None if comparison is None else compare(comparison[0], comparison[1], scores, taus, y),
+        },
     )
     return FitResult(subspace, manifest, scores, y, meta)
+
+
+def _prior_ref(prior: Prior) -> dict[str, Any]:
+    return {"name": prior[1].name, "version": prior[1].version, "n_samples": prior[1].calibration.get("n_samples")}
+
+
+def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: list[int | None], meta: dict[str, list[str]],
+             options: FitOptions, config: EmbeddingConfig, acc: MomentAccumulator, bad: list[str], n_truncated: int, *,
+             name: str, calibration_digest: str, calibration_path: str) -> FitResult:
+    """The prior's statistics plus the upload (labelled lines as given, the rest labelled by the prior's verdicts),
+    fitted with the prior's parameters; τ and P(harmful) carried over unless a policy is asked for."""
+    old, old_manifest = prior
+    X = np.concatenate(list(spool.batches(4096))) if spool.rows else np.empty((0, acc.dim), np.float32)
+    kinds = meta["item_kind"]
+    if X.shape[0] == 0:
+        raise FitError("the upload has no valid line to refit on")
+    old_scores = old.score_samples(X, kinds)
+    old_taus = np.asarray([old_manifest.threshold_for(k) for k in kinds])
+    given = np.asarray([-1 if label is None else label for label in labels], dtype=int)
+    pseudo = given < 0
+    used = np.where(pseudo, pseudo_labels(old_scores, old_taus), given)
+    weights = AnchorWeights(labelled=options.labelled_weight, pseudo=options.pseudo_weight)
+    params = old.get_params()
+    subspace = Subspace(**params).fit_moments(combined_accumulator(stats, X, kinds, used.tolist(), pseudo.tolist(), weights))  # type: ignore[arg-type]
+    scores = subspace.score_samples(X, kinds)
+    known = ~pseudo
+    y_known = given[known]
+    if options.policy is None:
+        carried = carry_thresholds(old, subspace, stats, {**{k: old_manifest.threshold_for(k) for k in old_manifest.kinds},
+                                                          **old_manifest.thresholds})
+        threshold = carry_thresholds(old, subspace, stats, {"text": old_manifest.threshold})["text"]
+        thresholds, policy, tau_from = carried, old_manifest.threshold_policy, "carried from the prior"
+    else:
+        policy = options.policy
+        needs_labels = policy.kind not in ("drop_rate",)
+        rows = known if needs_labels else np.ones(len(kinds), dtype=bool)
+        try:
+            threshold, thresholds = choose_thresholds(scores[rows], y_known if needs_labels else None,
+                                                      [k for k, r in zip(kinds, rows, strict=True) if r], policy)
+        except ThresholdError as err:
+            raise FitError(f"threshold policy {policy.as_dict()} on the upload: {err}") from None
+        tau_from = "the policy on the upload's " + ("labelled lines" if needs_labels else "lines")
+    taus = np.asarray([thresholds.get(k, threshold) for k in kinds])
+    quality: dict[str, Any] = {}
+    if known.any() and 0 < y_known.sum() < y_known.size:
+        quality = {"calibration": grouped_quality(y_known, scores[known], taus[known],
+                                                  {"kind": [k for k, r in zip(meta["kind"], known, strict=True) if r],
+                                                   "source": [s for s, r in zip(meta["source"], known, strict=True) if r]})}
+    probability_map = None if old_manifest.probability is None else carry_probability(old, subspace, stats, old_manifest.probability)
+    n_known = int(known.sum())
+    manifest = Manifest(
+        name=name, model_id=old_manifest.model_id, weights_digest=old_manifest.weights_digest, embedding=config,
+        method=old_manifest.method, k=int(subspace.components_.shape[0]), center=old_manifest.center,
+        standardize=old_manifest.standardize, shrinkage=old_manifest.shrinkage, balance=old_manifest.balance,
+        nuisance=old_manifest.nuisance, signed=bool(subspace.signed_), kinds=list(subspace.kinds_),
+        threshold=float(threshold), thresholds={k: float(v) for k, v in thresholds.items()}, threshold_policy=policy,
+        calibration={"path": calibration_path, "sha256": calibration_digest, "n_samples": int(X.shape[0]),
+                     "n_truncated": n_truncated, "counts": acc.counts(), "rejected": {"count": len(bad), "lines": bad[:100]},
+                     "prior_n_samples": old_manifest.calibration.get("n_samples")},
+        quality=quality, probability=probability_map,
+        refit={
+            "strategy": "combined" if n_known == len(kinds) else ("anchored" if n_known == 0 else "partly labelled"),
+            "mode": options.mode, "prior": _prior_ref(prior),
+            "upload": {"n": len(kinds), "labelled": n_known, "pseudo_labelled": len(kinds) - n_known,
+                       "pseudo_labelled_harmful": int(used[pseudo].sum()),
+                       "weights": {"labelled": weights.labelled, "pseudo": weights.pseudo}},
+            "threshold_from": tau_from,
+            "comparison": compare(old_scores, old_taus, scores, taus, given),
+        },
+    )
+    return FitResult(subspace, manifest, scores, given if known.all() else None, meta)
 
 
 def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[str]], options: FitOptions) -> dict[str, Any] | None:
@@ -328,7 +451,7 @@ def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[
     vectors = np.concatenate(list(spool.batches(4096)))
     pool = EmbeddedPool(vectors, y, meta["item_kind"], meta["kind"], meta["source"], meta["group"])
     try:
-        result = crossval(pool, options, by="source")
+        result = crossval(pool, replace(options, cross_fit="none"), by="source")  # the fold scores; nested τ unused here
     except FitError as err:  # e.g. each source holds one label only: nothing to hold out
         log.warning("cross-fitting skipped: %s", err)
         return None

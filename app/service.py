@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from app import metrics
+from app.anchoring import Activation, GuardBounds, decide_activation
 from app.artifacts import VERSION_RE, ArtifactError, Manifest, remove_stale_scratch_in
 from app.batching import BatchStats, MicroBatcher, QueueFull
 from app.cache import CachedEmbedding, EmbeddingCache, cache_key
@@ -469,7 +470,7 @@ class ScoringService:
                 pass
         return self.jobs.get(job_id)
 
-    async def start_refit(self, upload: Path, options: FitOptions, activate: bool, strict: bool = False) -> dict[str, Any]:
+    async def start_refit(self, upload: Path, options: FitOptions, activate: Activation = "auto", strict: bool = False) -> dict[str, Any]:
         """Start a refit job in a thread; 409 (RefitInProgress) while another one runs here or in the fleet."""
         if not self._refit_lock.acquire(blocking=False):
             upload.unlink(missing_ok=True)
@@ -552,7 +553,7 @@ class ScoringService:
                 log.warning("refit waits for Redis: %s", err)
                 time.sleep(0.5)
 
-    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activate: bool, strict: bool,
+    def _run_refit(self, job_id: str, upload: Path, options: FitOptions, activation: Activation, strict: bool,
                    lease: RefitLease | None, stop: threading.Event) -> None:
         self._update_job(job_id, status="running")
         done = 0
@@ -567,10 +568,18 @@ class ScoringService:
                 self._on_loop(self._push_job(job_id))
 
         try:
+            current = self.registry.current
+            prior = None if current is None else (current.subspace, current.manifest)
             with upload.open("rb") as fh:
                 result = fit_lines(self.embedder, read_lines(fh), options, name=self.registry.name,
                                    calibration_digest=file_digest(upload), calibration_path="upload",
-                                   progress=progress, embed=self._embed_from_thread, strict=strict)
+                                   progress=progress, embed=self._embed_from_thread, strict=strict, prior=prior)
+            refit = result.manifest.refit or {}
+            activate, held = decide_activation(
+                activation, refit.get("comparison"), has_active=prior is not None, labelled=result.labels is not None
+                or bool(refit.get("upload", {}).get("labelled")), bounds=GuardBounds(**self.settings.guard_bounds()))
+            if refit:
+                refit["activation"] = {"requested": activation, "activated": activate, "held": held}
             if lease is None:
                 saved = self.registry.publish(result.subspace, result.manifest, activate=activate)
             else:
@@ -588,8 +597,8 @@ class ScoringService:
             if activate and lease is None:
                 self._record_version(self.registry.current)  # type: ignore[arg-type]
                 self.ready = True
-            self._update_job(job_id, status="succeeded", version=saved.version, activated=activate,
-                             quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
+            self._update_job(job_id, status="succeeded", version=saved.version, activated=activate, held=held or None,
+                             refit=saved.refit, quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
                              finished_at=time.time())
             metrics.REFITS.labels("succeeded").inc()
             log.info("refit %s published %s/%s (active=%s)", job_id, saved.name, saved.version, activate)
@@ -613,5 +622,6 @@ class ScoringService:
 def _options_dict(options: FitOptions) -> dict[str, Any]:
     return {"embedding": options.embedding.as_dict(), "method": options.method, "k": options.k, "center": options.center,
             "standardize": options.standardize, "shrinkage": options.shrinkage, "balance": options.balance,
-            "nuisance": options.nuisance, "cross_fit": options.cross_fit,
+            "nuisance": options.nuisance, "cross_fit": options.cross_fit, "mode": options.mode,
+            "labelled_weight": options.labelled_weight, "pseudo_weight": options.pseudo_weight,
             "policy": options.policy.as_dict() if options.policy else "auto"}

@@ -38,7 +38,7 @@ class NotFittedError(RuntimeError):
 class _Moments:
     """Sums about a fixed shift (for numerical stability with huge hidden dimensions)."""
 
-    n: int
+    n: float  # a count; a prior's cells (``FitStatistics.accumulator``) hold weighted counts
     s: np.ndarray  # Σ (f - shift), float64
     S: np.ndarray  # Σ (f - shift)(f - shift)ᵀ, float64
 
@@ -59,6 +59,9 @@ class MomentAccumulator:
     shift: np.ndarray | None = None
     groups: dict[Cell, _Moments] = field(default_factory=dict)
     max_cells: int = 512  # each cell holds d² float64 sums (2.7 MB at d = 576)
+    #: How many sources a (label, source) stands for under ``balance="source"`` (1 where absent): a stored prior
+    #: weighs as the sources it averaged, an upload as the weight a refit gives it.
+    source_weights: dict[tuple[int | None, str], float] = field(default_factory=dict)
 
     def update(self, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int | None], sources: Sequence[str] | None = None,
                *, remove: bool = False) -> None:
@@ -96,48 +99,132 @@ class MomentAccumulator:
         """These statistics less the given rows (added before); only the cells they touch are copied."""
         keys = set(zip(kinds, labels, sources, strict=True))
         groups = {key: (_Moments(m.n, m.s.copy(), m.S.copy()) if key in keys else m) for key, m in self.groups.items()}
-        out = MomentAccumulator(self.dim, self.shift, groups, self.max_cells)
+        out = MomentAccumulator(self.dim, self.shift, groups, self.max_cells, dict(self.source_weights))
         out.update(X, kinds, labels, sources, remove=True)
         return out
 
     @property
     def n(self) -> int:
-        return sum(m.n for m in self.groups.values())
+        return round(sum(m.n for m in self.groups.values()))
 
     def counts(self) -> dict[str, int]:
         """Samples per ``kind/label`` (sources summed)."""
-        out: dict[str, int] = {}
+        out: dict[str, float] = {}
         for (kind, label, _), m in self.groups.items():
             key = f"{kind}/{'unlabelled' if label is None else label}"
             out[key] = out.get(key, 0) + m.n
-        return dict(sorted(out.items()))
+        return {key: round(n) for key, n in sorted(out.items())}
 
     def source_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, float] = {}
         for (_, _, source), m in self.groups.items():
             out[source] = out.get(source, 0) + m.n
-        return dict(sorted(out.items()))
+        return {key: round(n) for key, n in sorted(out.items())}
 
     def without(self, sources: set[str]) -> MomentAccumulator:
         """The statistics of every cell but those of ``sources`` (a fold of a source-held-out evaluation)."""
         kept = {key: m for key, m in self.groups.items() if key[2] not in sources}
-        return MomentAccumulator(self.dim, self.shift, kept, self.max_cells)
+        return MomentAccumulator(self.dim, self.shift, kept, self.max_cells, dict(self.source_weights))
 
     def weights(self, balance: Balance) -> dict[Cell, float]:
         """Per-sample weight of each cell: 1 ("item"), or such that every source carries the same total
-        weight within its label while each label keeps its total ("source")."""
+        weight within its label while each label keeps its total ("source"); a source standing for ω sources
+        (``source_weights``) carries ω times that (under "item", each of its samples weighs ω)."""
         if balance == "item":
-            return {key: 1.0 for key in self.groups}
-        totals: dict[int | None, int] = {}
-        per_source: dict[tuple[int | None, str], int] = {}
+            return {key: self.source_weights.get((key[1], key[2]), 1.0) for key in self.groups}
+        totals, per_source, n_sources = self._label_totals()
+        return {
+            (kind, label, source): totals[label] * self.source_weights.get((label, source), 1.0)
+            / n_sources[label] / per_source[(label, source)]
+            for (kind, label, source) in self.groups
+        }
+
+    def _label_totals(self) -> tuple[dict[int | None, float], dict[tuple[int | None, str], float], dict[int | None, float]]:
+        """Per label: the count; per (label, source): the count; per label: the sources it holds, weighted."""
+        totals: dict[int | None, float] = {}
+        per_source: dict[tuple[int | None, str], float] = {}
         for (_, label, source), m in self.groups.items():
             totals[label] = totals.get(label, 0) + m.n
             per_source[(label, source)] = per_source.get((label, source), 0) + m.n
-        n_sources = {label: sum(1 for (lab, _) in per_source if lab == label) for label in totals}
-        return {
-            (kind, label, source): totals[label] / n_sources[label] / per_source[(label, source)]
-            for (kind, label, source) in self.groups
-        }
+        n_sources: dict[int | None, float] = {}
+        for label, source in per_source:
+            n_sources[label] = n_sources.get(label, 0.0) + self.source_weights.get((label, source), 1.0)
+        return totals, per_source, n_sources
+
+
+Sums = dict[tuple[str, int | None], tuple[float, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class FitStatistics:
+    """What a fit summed, kept with its version so a later fit can add data to it without the original lines.
+
+    Per (kind, label): the weighted count, Σ w·(f − shift) and Σ w·(f − shift)(f − shift)ᵀ under the fit's
+    balance, and per label how many sources they average. Fitting the same parameters on ``accumulator()``
+    reproduces the fit; adding an upload's rows to it as a source of its own weighs the stored calibration as
+    the sources it came from, the upload as one (or the weight a refit gives it).
+    """
+
+    shift: np.ndarray  # (d,) float64
+    sums: Sums
+    n_sources: dict[int | None, float]
+
+    def accumulator(self, source: str = "prior", max_cells: int = 512) -> MomentAccumulator:
+        """These sums as the cells of one source that stands for the sources they averaged."""
+        dim = int(self.shift.shape[0])
+        groups = {(kind, label, source): _Moments(n, s.astype(np.float64), S.astype(np.float64))
+                  for (kind, label), (n, s, S) in self.sums.items()}
+        weights = {(label, source): float(n) for label, n in self.n_sources.items()}
+        return MomentAccumulator(dim, self.shift.astype(np.float64), groups, max_cells, weights)
+
+    def class_moments(self, kind: str, label: int | None) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """(weighted count, mean, covariance) of one cell in the original coordinates; None where it is empty."""
+        if (kind, label) not in self.sums:
+            return None
+        n, s, S = self.sums[(kind, label)]
+        if n <= 0:
+            return None
+        mean = s / n
+        return n, mean + self.shift, S / n - np.outer(mean, mean)
+
+    def to_tensors(self, prefix: str = "statistics.") -> dict[str, np.ndarray]:
+        """float32 arrays (Σffᵀ as its upper triangle): 4 cells at d = 576 take 2.7 MB."""
+        d = int(self.shift.shape[0])
+        iu = np.triu_indices(d)
+        out = {f"{prefix}shift": self.shift.astype(np.float32)}
+        for (kind, label), (n, s, S) in sorted(self.sums.items(), key=lambda t: (t[0][0], -1 if t[0][1] is None else t[0][1])):
+            key = f"{prefix}{kind}.{'none' if label is None else label}"
+            out[f"{key}.n"] = np.asarray([n], dtype=np.float64)
+            out[f"{key}.sum"] = s.astype(np.float64)
+            out[f"{key}.outer"] = S[iu].astype(np.float32)
+        for label, n in self.n_sources.items():
+            out[f"{prefix}n_sources.{'none' if label is None else label}"] = np.asarray([n], dtype=np.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], prefix: str = "statistics.") -> FitStatistics | None:
+        """The statistics stored by ``to_tensors``; None for a version saved without them."""
+        if f"{prefix}shift" not in tensors:
+            return None
+        shift = tensors[f"{prefix}shift"].astype(np.float64)
+        d = int(shift.shape[0])
+        iu = np.triu_indices(d)
+        sums: Sums = {}
+        n_sources: dict[int | None, float] = {}
+        for name in tensors:
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split(".")
+            if parts[0] == "n_sources":
+                n_sources[None if parts[1] == "none" else int(parts[1])] = float(tensors[name][0])
+            elif len(parts) == 3 and parts[2] == "n":
+                kind, label = parts[0], None if parts[1] == "none" else int(parts[1])
+                key = f"{prefix}{parts[0]}.{parts[1]}"
+                S = np.zeros((d, d))
+                S[iu] = tensors[f"{key}.outer"]
+                S = S + np.triu(S, 1).T
+                sums[(kind, label)] = (float(tensors[name][0]), tensors[f"{key}.sum"].astype(np.float64), S)
+        return cls(shift, sums, n_sources)
 
 
 def _svd_flip(components: np.ndarray) -> np.ndarray:
@@ -221,6 +308,7 @@ class Subspace:
         d = acc.dim
         shift = acc.shift
         weight = acc.weights(self.balance)
+        label_sources = acc._label_totals()[2]
         # Weighted sums per (kind, label) — (Σw·n, Σw·f, Σw·ffᵀ), shifted coordinates — summed in place, so a fit
         # over many source cells costs one d² pass per cell and no d² temporaries per cell.
         sums: dict[tuple[str, int | None], tuple[float, np.ndarray, np.ndarray]] = {}
@@ -287,6 +375,7 @@ class Subspace:
         self.signed_ = signed
         self.n_samples_ = n_total
         self.n_features_in_ = d
+        self.statistics_ = FitStatistics(shift.copy(), sums, label_sources)
         return self
 
     def _discriminant(self, centered: dict[tuple[str, int | None], tuple[float, np.ndarray, np.ndarray]],

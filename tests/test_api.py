@@ -238,6 +238,61 @@ def test_failed_refit_is_reported_and_publishes_nothing(served) -> None:
     assert httpx.get(f"{url}/subspace/jobs/nope", headers=C).status_code == 404
 
 
+def _run_refit(url: str, query: str, rows: list[dict]) -> dict:
+    upload = "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+    r = httpx.post(f"{url}/subspace/refit?{query}", content=upload, headers=A)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/subspace/jobs/{r.json()['job_id']}", headers=C).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError("refit did not finish")
+
+
+def test_unlabeled_refit_anchors_on_the_active_version(served, dev_rows: list[dict]) -> None:
+    """An unlabeled upload starts from the active version's stored statistics: its verdicts label the upload, τ is
+    carried over, and the manifest names the strategy, the version it started from and both compared."""
+    url, _, root = served
+    before = httpx.get(f"{url}/subspace", headers=C).json()
+    unlabeled = [{k: v for k, v in r.items() if k != "label"} for r in dev_rows]
+    job = _run_refit(url, "layers=8&pooling=response&max_length=128", unlabeled)
+    assert job["status"] == "succeeded", job
+    refit = job["refit"]
+    assert refit["strategy"] == "anchored" and refit["prior"]["version"] == before["version"]
+    assert refit["upload"]["labelled"] == 0 and refit["upload"]["pseudo_labelled"] == len(dev_rows)
+    assert refit["threshold_from"] == "carried from the prior"
+    cmp = refit["comparison"]
+    assert cmp["n"] == len(dev_rows) and 0.0 <= cmp["agreement"] <= 1.0
+    # The job's decision is the guard's: activated exactly when no reason holds it back.
+    assert job["activated"] == (not job["held"]), job
+    manifest = json.loads((root / "models" / "apitest" / job["version"] / "manifest.json").read_text())
+    assert manifest["refit"]["activation"]["requested"] == "auto"
+    assert manifest["refit"]["prior"] == refit["prior"] and manifest["calibration"]["n_samples"] == len(dev_rows)
+    # The new version stores statistics in turn (a later refit can start from it).
+    from safetensors.numpy import load_file
+    assert "statistics.shift" in load_file(str(root / "models" / "apitest" / job["version"] / "subspace.safetensors"))
+    if not job["activated"]:
+        httpx.post(f"{url}/subspace/versions/{job['version']}/activate", headers=A).raise_for_status()
+    after = httpx.post(f"{url}/score", json={"items": [{"text": "hello"}]}, headers=C).json()
+    assert after["subspace"]["version"] == job["version"]
+
+
+def test_guard_holds_back_the_papers_unlabeled_refit_on_mixed_data(served, dev_rows: list[dict]) -> None:
+    """method=saft on the upload alone (the paper's score) disagrees with the active version on mixed data: it is
+    published, not activated, and the job says why."""
+    url, _, root = served
+    before = httpx.get(f"{url}/subspace", headers=C).json()["version"]
+    unlabeled = [{k: v for k, v in r.items() if k != "label"} for r in dev_rows]
+    job = _run_refit(url, "layers=8&pooling=response&max_length=128&method=saft", unlabeled)
+    assert job["status"] == "succeeded", job
+    assert job["refit"]["strategy"] == "saft" and job["activated"] is False and job["held"], job
+    assert any("agree" in reason or "drop" in reason for reason in job["held"])
+    assert httpx.get(f"{url}/subspace", headers=C).json()["version"] == before
+    assert job["version"] in httpx.get(f"{url}/subspace/versions", headers=C).json()["versions"]
+
+
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict]) -> None:
     _fit(embedder, calibration_rows, tmp_path / "models")
     env = {"SAFT_MODELS_DIR": str(tmp_path / "models"), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_MAX_QUEUE": "8", "SAFT_FILTER_CHUNK_LINES": "8",

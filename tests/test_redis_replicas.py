@@ -27,7 +27,8 @@ from tests.server import start_server, stop_server
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-REFIT = "/subspace/refit?layers=20&pooling=mean&max_length=256&policy=fpr:0.1"
+# activate=always: these tests follow a new version through the fleet; the refit guard has tests of its own.
+REFIT = "/subspace/refit?layers=20&pooling=mean&max_length=256&policy=fpr:0.1&activate=always"
 
 
 class Replica:

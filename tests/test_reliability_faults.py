@@ -25,7 +25,7 @@ from tests.test_api import _fit
 
 ADMIN = "admin-token-f"
 A = {"Authorization": f"Bearer {ADMIN}"}
-REFIT = "layers=8&pooling=response&max_length=128&method=lda&center=kind&shrinkage=0.5&policy=fpr:0.1"
+REFIT = "layers=8&pooling=response&max_length=128&method=lda&center=kind&shrinkage=0.5&policy=fpr:0.1&activate=always"
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from app.anchoring import Activation
 from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
 from app.artifacts import ArtifactError, check_version, scratch_prefix
@@ -88,14 +89,24 @@ async def refit(
     cross_fit: Literal["none", "source"] = Query(_FIT.cross_fit, description="source: τ and P(harmful) from source-held-out "  # type: ignore[assignment]
                                                  "scores (labelled uploads with 2+ 'source' values)"),
     policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
-    activate: bool = Query(True, description="Activate the new version when the fit succeeds."),
+    mode: Literal["combine", "replace"] = Query(_FIT.mode, description="combine: add the upload to the active version's "  # type: ignore[assignment]
+                                               "stored calibration (unlabeled lines labelled by its verdicts; τ carried over); "
+                                               "replace: fit on the upload alone (unlabeled: the paper's SAFT score)"),
+    labelled_weight: float = Query(_FIT.labelled_weight, gt=0, le=1000, description="combine: how many calibration sources "
+                                   "the upload's labelled lines weigh as"),
+    pseudo_weight: float = Query(_FIT.pseudo_weight, ge=0, le=1000, description="combine: how many calibration sources "
+                                 "the upload's unlabeled lines weigh as"),
+    activate: Literal["auto", "always", "never", "true", "false"] = Query(
+        "auto", description="auto: activate unless the new version and the active one disagree on the upload past the "
+        "guard's bounds (the job says why); always (or true); never (or false)."),
     strict: bool = Query(False, description="Fail at the first invalid line instead of rejecting it (listed in the manifest)."),
     service: ScoringService = Depends(get_service),
 ) -> RefitAccepted:
     options = FitOptions(
         embedding=EmbeddingConfig(tuple(int(x) for x in layers.split(",")), pooling, template, max_length, truncation_side),
         method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
-        policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit,
+        policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit, mode=mode,
+        labelled_weight=labelled_weight, pseudo_weight=pseudo_weight,
     )
     service.embedder.normalize_layers(options.embedding.layers)  # a bad layer is a 422 now, not a failed job later
     limit = service.settings.max_upload_bytes
@@ -113,7 +124,8 @@ async def refit(
     except BaseException:
         os.unlink(path)
         raise
-    job = await service.start_refit(Path(path), options, activate, strict)
+    activation: Activation = {"true": "always", "false": "never"}.get(activate, activate)  # type: ignore[assignment]
+    job = await service.start_refit(Path(path), options, activation, strict)
     return RefitAccepted(job_id=job["job_id"], status=job["status"])
 
 
