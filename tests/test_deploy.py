@@ -404,7 +404,7 @@ def test_dockerfile_builds_from_files_that_exist_and_are_not_ignored() -> None:
     copies = [shlex.split(args) for op, args in _dockerfile() if op == "COPY"]
     local = [c for c in copies if not any(a.startswith("--from=") for a in c)]
     sources = [s for c in local for s in [a for a in c if not a.startswith("--")][:-1]]
-    assert set(sources) == {"pyproject.toml", "README.md", "app", "models"}
+    assert set(sources) == {"pyproject.toml", "README.md", "app", "clients/python", "models"}
     for source in sources:
         assert (ROOT / source).exists(), source
         assert source not in ignored and source.split("/")[0] not in ignored
