@@ -26,7 +26,16 @@ from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
 from app.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
 from app.items import SHAPES, ItemError, parse_columns
-from app.lines import ParquetRowWriter, open_records, record_format, write_parquet_rows
+from app.lines import (
+    ParquetRowWriter,
+    RecordFileError,
+    data_files,
+    open_records,
+    record_format,
+    row_count,
+    table_schema,
+    write_parquet_rows,
+)
 from app.pipeline import (
     DEFAULT_FIT_EMBEDDING,
     TABLE_COLUMNS,
@@ -70,12 +79,10 @@ def _progress(description: str, total: int | None) -> Iterator[Any]:
 
 
 def _count_lines(path: Path) -> int:
-    """Rows of a data file, for progress bars: a Parquet file's from its footer, others by one pass (not decoded)."""
-    if record_format(path)[0] == "parquet":
-        import pyarrow.parquet as pq
-
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    return sum(1 for _ in open_records(path))
+    """Rows of a data file, for progress bars: a table's (Parquet, Arrow, a saved dataset) from its metadata, others by
+    one pass (not decoded)."""
+    rows = row_count(path)
+    return sum(1 for _ in open_records(path)) if rows is None else rows
 
 
 def _load_embedder(model: str | None) -> Embedder:
@@ -126,7 +133,7 @@ NuisanceOpt = Annotated[int, typer.Option(min=0, help="lda: directions of betwee
 CrossFitOpt = Annotated[str, typer.Option(help="source: choose τ and P(harmful) on source-held-out scores (needs labels and 2+ sources) | none: on the fit's own scores")]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 with labels, drop_rate:0.1 without); chosen per item kind")]
 EmbeddingsOpt = Annotated[Path | None, typer.Option("--embeddings", help="Embedding file (saft embed): lines it holds are not embedded again; new ones are added to it.")]
-DataArg = Annotated[list[Path], typer.Argument(help="Data files (.jsonl[.gz|.zst], .json, .parquet; labelled or not); several are read as one set.", exists=True, dir_okay=False)]
+DataArg = Annotated[list[Path], typer.Argument(help="Data files (.jsonl[.gz|.zst], .json, .parquet, .arrow, a datasets save_to_disk directory; labelled or not); several are read as one set.", exists=True)]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto (each row's shape from its keys) | " + " | ".join(SHAPES))]
 ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="Key mapping, saft's name=yours: prompt=question,response=answer")]
 
@@ -219,7 +226,7 @@ def fit(
         embed, stored = _embed_fn(embedder, options.embedding, embeddings)
         with _progress("embedding calibration", sum(_count_lines(p) for p in calibration)) as advance:
             result = fit_lines(
-                embedder, _read_files(calibration, *_reading(shape, columns)), options, name=name, calibration_digest=sha256_files(calibration),
+                embedder, _read_files(calibration, *_reading(shape, columns)), options, name=name, calibration_digest=sha256_files(f for p in calibration for f in data_files(p)),
                 calibration_path=",".join(p.name for p in calibration), progress=advance, embed=embed, strict=strict,
             )
         _save_embeddings(stored, embeddings)
@@ -393,7 +400,7 @@ def _open_out(path: Path | None) -> IO[bytes]:
 
 @app.command()
 def score(
-    input: Annotated[Path, typer.Argument(help="Items: .jsonl[.gz|.zst], .json or .parquet.", exists=True, dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Items: .jsonl[.gz|.zst], .json, .parquet, .arrow or a datasets save_to_disk directory.", exists=True)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="JSONL out (default stdout).")] = None,
     name: NameOpt = None,
     version: VersionOpt = None,
@@ -431,7 +438,7 @@ def score(
 
 @app.command(name="filter")
 def filter_(
-    input: Annotated[Path, typer.Argument(help="Items (.jsonl[.gz|.zst], .json, .parquet); with --engine ray also a directory of shards or a glob.")],
+    input: Annotated[Path, typer.Argument(help="Items (.jsonl[.gz|.zst], .json, .parquet, .arrow, a datasets save_to_disk directory); with --engine ray also a directory of shards or a glob.")],
     kept: Annotated[Path | None, typer.Option(help="Kept lines, unchanged (default kept.jsonl; *.parquet: Parquet; ray: directory kept/).")] = None,
     dropped: Annotated[Path | None, typer.Option(help="Dropped lines with their score (default dropped.jsonl; *.parquet: rows + saft_* columns; ray: dropped/).")] = None,
     rejected: Annotated[Path | None, typer.Option(help="Invalid lines: line number, reason, raw object (default rejected.jsonl; ray: rejected/).")] = None,
@@ -445,6 +452,7 @@ def filter_(
     cpus_per_actor: Annotated[float, typer.Option(min=0.1, help="ray: CPUs reserved per actor (its torch threads on CPU).")] = 1.0,
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="ray: GPUs per actor (default: 1 when the cluster has GPUs).")] = None,
     batch_lines: Annotated[int, typer.Option(min=1, help="ray: lines per actor call.")] = 256,
+    read_rows: Annotated[int | None, typer.Option(min=1, help="ray: rows per read task of a Parquet or Arrow shard or a saved dataset (whole row groups; default 8192).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (default: RAY_ADDRESS, else a local cluster).")] = None,
     shape: FormatOpt = "auto",
     columns: ColumnsOpt = None,
@@ -455,7 +463,12 @@ def filter_(
     if engine not in ("local", "ray"):
         raise _fail(f"--engine: {engine!r} is not one of local, ray")
     if engine == "local" and not input.is_file():
-        raise _fail(f"input: {input} is not a file (a directory or glob of shards needs --engine ray)")
+        if not input.is_dir():
+            raise _fail(f"input: {input} is not a file (a directory or glob of shards needs --engine ray)")
+        try:
+            record_format(input)  # a directory is read when datasets' save_to_disk wrote it
+        except RecordFileError as e:
+            raise _fail(f"input: {e} (a directory or glob of shards needs --engine ray)") from None
     try:
         reading = _reading(shape, columns)
         if engine == "ray":
@@ -467,7 +480,8 @@ def filter_(
                 str(input), settings=settings, subspace=subspace, manifest=manifest, threshold=threshold,
                 kept=kept or Path("kept"), dropped=dropped or Path("dropped"), rejected=rejected or Path("rejected"), scores=scores,
                 options=RayOptions(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                                   batch_lines=batch_lines, address=ray_address),
+                                   batch_lines=batch_lines, address=ray_address,
+                                   **({} if read_rows is None else {"read_rows": read_rows})),
                 shape=reading[0], columns=reading[1],  # type: ignore[arg-type]
             )
         else:
@@ -534,10 +548,8 @@ def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any,
     counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
     shapes: dict[str, int] = {}
     schema, sides = None, False
-    if record_format(input)[0] == "parquet":  # Parquet outputs keep the input's column types
-        import pyarrow.parquet as pq
-
-        schema = pq.ParquetFile(input).schema_arrow
+    schema = table_schema(input)  # Parquet outputs of a table keep the input's column types
+    if schema is not None:
         names = reading[1] or {}
         sides = all(names.get(side, side) in schema.names for side in ("chosen", "rejected"))  # preference rows can occur
     paths = {"kept": kept, "dropped": dropped, "rejected": rejected} | ({"scores": scores} if scores is not None else {})
@@ -564,7 +576,7 @@ def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any,
 
 @app.command(name="eval")
 def eval_(
-    input: Annotated[Path, typer.Argument(help="Labelled data, any format 'saft score' reads (label 0/1; kind and source used for breakdowns).", exists=True, dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Labelled data, any format 'saft score' reads (label 0/1; kind and source used for breakdowns).", exists=True)],
     name: NameOpt = None,
     version: VersionOpt = None,
     threshold: ThresholdOpt = None,
@@ -630,7 +642,7 @@ def eval_(
 
 @app.command()
 def sweep(
-    calibration: Annotated[Path, typer.Argument(help="Labelled calibration data (.jsonl[.gz|.zst], .json, .parquet).", exists=True, dir_okay=False)],
+    calibration: Annotated[Path, typer.Argument(help="Labelled calibration data, any format 'saft score' reads.", exists=True)],
     eval_file: Annotated[Path | None, typer.Option("--eval", help="Labelled evaluation JSONL (default: 25% of calibration groups).")] = None,
     layers: Annotated[str, typer.Option(help="Layer sets, ';'-separated, each comma-separated: '8;16;8,16'.")] = "4;8;12;16;20;24;28;30",
     pooling: Annotated[str, typer.Option(help="Poolings to try: last,mean")] = "last,mean",

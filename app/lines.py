@@ -16,12 +16,25 @@ The API:
     read (``payload`` is then ``None``). Blank JSONL lines are counted but not yielded, so numbers keep matching
     the file. A Parquet null is an absent key (a table has no other way to say a row lacks a column), so
     converted JSONL reads back as the same objects. Formats, by suffix: ``.jsonl``, ``.json`` (a top-level
-    array, read whole: use JSONL for sets that do not fit in memory), each optionally ``.gz`` or ``.zst``, and
-    ``.parquet`` (streamed by row group).
+    array, read whole: use JSONL for sets that do not fit in memory), each optionally ``.gz`` or ``.zst``,
+    ``.parquet`` (streamed by row group) and ``.arrow`` (an Arrow IPC stream or file, as Hugging Face ``datasets``
+    writes its cache and ``save_to_disk`` shards); and a *directory* written by ``datasets``'
+    ``Dataset.save_to_disk``: its ``data-*.arrow`` files in ``state.json``'s order, numbered on from one file to the
+    next, so row N is ``load_from_disk(path)[N - 1]``. Arrow files are read with pyarrow (memory-mapped), so
+    reading a saved dataset needs neither the ``datasets`` package nor the Hub.
 ``jsonl_records(stream) -> Iterator[Record]``
     The same for an already open JSONL stream (uploads, stdin).
 ``record_format(path) -> (format, compression)``
-    What ``open_records`` would read ``path`` as; ``RecordFileError`` for a suffix it does not know.
+    What ``open_records`` would read ``path`` as; ``RecordFileError`` for a suffix it does not know, or a
+    directory that is not a saved dataset (a ``DatasetDict`` is named as such, with its splits).
+``fragments(path, min_rows) -> list[Fragment]`` / ``fragment_records(fragment) -> Iterator[Record]``
+    A tabular input (Parquet, Arrow, a saved dataset) cut into parts that can be read apart — runs of whole row
+    groups of at least ``min_rows`` rows, or one Arrow file each — with the number of each part's first row, so
+    that parts read in parallel (the Ray engine) number their rows exactly as ``open_records`` does; it is their
+    concatenation.
+``row_count(path)`` / ``table_schema(path)`` / ``data_files(path)``
+    A tabular input's rows (from metadata, for progress bars) and Arrow schema (outputs keep the input's types);
+    the files that hold any input's bytes (what a digest of the input reads).
 ``write_parquet_rows(path, rows, extra_columns=SAFT_COLUMNS, *, schema=None) -> int``
     Output rows (input row + ``saft_score``, ``saft_verdict``, ``saft_kind``) as one Parquet file, written to a
     temporary file beside ``path`` and moved into place, so a reader never sees half a file.
@@ -46,12 +59,15 @@ import orjson
 if TYPE_CHECKING:
     import pyarrow as pa
 
-Format = Literal["jsonl", "json", "parquet"]
+Format = Literal["jsonl", "json", "parquet", "arrow", "dataset"]
 Compression = Literal["gzip", "zstd"] | None
 
-_FORMATS: Mapping[str, Format] = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+_FORMATS: Mapping[str, Format] = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 _COMPRESSIONS: Mapping[str, Compression] = {".gz": "gzip", ".zst": "zstd"}
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".parquet")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".parquet", ".arrow")
+#: Formats held as Arrow tables: read by ``fragments`` / ``fragment_records``, never compressed by saft's suffixes.
+TABULAR: tuple[Format, ...] = ("parquet", "arrow", "dataset")
+_KNOWN = f"saft reads {', '.join(SUFFIXES)} and a directory written by datasets' Dataset.save_to_disk"
 
 #: The columns an output row adds to its input row, as Arrow type aliases (``pyarrow.type_for_alias``).
 SAFT_COLUMNS: Mapping[str, str] = {"saft_score": "double", "saft_verdict": "string", "saft_kind": "string"}
@@ -78,14 +94,18 @@ class Record(NamedTuple):
 
 
 def record_format(path: Path | str) -> tuple[Format, Compression]:
-    """The format and compression ``path``'s suffixes name (``data.jsonl.zst`` → ``("jsonl", "zstd")``)."""
+    """The format and compression ``path``'s suffixes name (``data.jsonl.zst`` → ``("jsonl", "zstd")``); a directory
+    is ``("dataset", None)`` when ``datasets``' ``save_to_disk`` wrote it (it holds ``state.json``)."""
+    if Path(path).is_dir():
+        _dataset_state(Path(path))
+        return "dataset", None
     suffixes = [s.lower() for s in Path(path).suffixes]
     compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
     if compression is not None:
         suffixes = suffixes[:-1]
     fmt = _FORMATS.get(suffixes[-1]) if suffixes else None
-    if fmt is None or (fmt == "parquet" and compression is not None):
-        raise RecordFileError(path, f"unknown file type; saft reads {', '.join(SUFFIXES)}")
+    if fmt is None or (fmt in TABULAR and compression is not None):
+        raise RecordFileError(path, f"unknown file type; {_KNOWN}")
     return fmt, compression
 
 
@@ -104,8 +124,9 @@ def open_records(path: Path | str) -> Iterator[Record]:
     """Every record of the file at ``path``, numbered as the file numbers them (see the module docstring)."""
     path = Path(path)
     fmt, compression = record_format(path)
-    if fmt == "parquet":
-        yield from _parquet_records(path)
+    if fmt in TABULAR:
+        for fragment in fragments(path, min_rows=1 << 62):  # one part per file: no part boundary inside a file
+            yield from fragment_records(fragment)
         return
     with _open_binary(path, compression) as fh:
         if fmt == "json":
@@ -175,17 +196,85 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _parquet_records(path: Path) -> Iterator[Record]:
+class Fragment(NamedTuple):
+    """A part of a tabular input that can be read on its own: row groups ``row_groups`` of the Parquet file ``path``,
+    or (``row_groups`` None) the whole Arrow file ``path``; its ``rows`` rows are numbered from ``first``."""
+
+    path: Path
+    row_groups: tuple[int, ...] | None
+    first: int
+    rows: int
+
+
+def fragments(path: Path | str, min_rows: int) -> list[Fragment]:
+    """``path`` (Parquet, Arrow or a saved dataset) as consecutive parts, in order: runs of whole Parquet row groups,
+    each closed once it holds ``min_rows`` rows (a row group is never split), or one part per Arrow file. Row counts
+    come from the Parquet footer or the Arrow batches' headers (memory-mapped, no row is decoded)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path = Path(path)
+    fmt, _ = record_format(path)
+    if fmt not in TABULAR:
+        raise RecordFileError(path, f"is {fmt}, not a table: it has no parts to read apart")
+    if fmt != "parquet":
+        files = _dataset_files(path) if fmt == "dataset" else [path]
+        parts, first = [], 1
+        for file in files:
+            rows = sum(batch.num_rows for batch in _arrow_batches(file, 0))
+            parts.append(Fragment(file, None, first, rows))
+            first += rows
+        return parts
     try:
-        parquet = pq.ParquetFile(path)
+        with pq.ParquetFile(path) as parquet:
+            sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
     except (pa.ArrowException, OSError) as err:
         raise RecordFileError(path, f"is not a readable Parquet file ({err})") from err
-    number = 0
-    with parquet:
-        batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+    out: list[Fragment] = []
+    groups: list[int] = []
+    first = rows = 0
+    for i, size in enumerate(sizes):
+        groups.append(i)
+        rows += size
+        if rows >= min_rows or i == len(sizes) - 1:
+            out.append(Fragment(path, tuple(groups), first + 1, rows))
+            first, groups, rows = first + rows, [], 0
+    return out
+
+
+def fragment_records(fragment: Fragment) -> Iterator[Record]:
+    """Every row of one part as a ``Record``, numbered from ``fragment.first`` (``batch_rows``: nulls are absent keys,
+    a value Python cannot hold is that row's error, not the file's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = fragment.first - 1
+    if fragment.row_groups is None:
+        batches = _arrow_batches(fragment.path, number)
+    else:
+        try:
+            parquet = pq.ParquetFile(fragment.path)
+        except (pa.ArrowException, OSError) as err:
+            raise RecordFileError(fragment.path, f"is not a readable Parquet file ({err})") from err
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(fragment.row_groups))
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            raise RecordFileError(fragment.path, f"cannot be read after row {number}: {err}") from err
+        if batch is None:
+            return
+        for row in batch_rows(batch):
+            number += 1
+            yield Record(number, None, row) if isinstance(row, str) else Record(number, row, None)
+
+
+def _arrow_batches(path: Path, before: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow file; ``before`` rows precede it (for the error's row number)."""
+    import pyarrow as pa
+
+    with _arrow_reader(path) as (_, batches):
+        number = before
         while True:
             try:
                 batch = next(batches, None)
@@ -193,9 +282,105 @@ def _parquet_records(path: Path) -> Iterator[Record]:
                 raise RecordFileError(path, f"cannot be read after row {number}: {err}") from err
             if batch is None:
                 return
-            for row in batch_rows(batch):
-                number += 1
-                yield Record(number, None, row) if isinstance(row, str) else Record(number, row, None)
+            number += batch.num_rows
+            yield batch
+
+
+@contextmanager
+def _arrow_reader(path: Path) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch]]]:
+    """An Arrow IPC stream (what ``datasets`` writes) or IPC file (Feather v2), memory-mapped: its schema and batches."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+    except (pa.ArrowException, OSError) as err:
+        raise RecordFileError(path, f"cannot be opened ({err})") from err
+    with source:
+        try:
+            stream = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                file = pa.ipc.open_file(source)
+            except (pa.ArrowException, OSError) as err:
+                raise RecordFileError(path, f"is not an Arrow IPC stream or file ({err})") from err
+            yield file.schema, (file.get_batch(i) for i in range(file.num_record_batches))
+        else:
+            yield stream.schema, iter(stream)
+
+
+def _dataset_state(path: Path) -> dict[str, Any]:
+    """A ``save_to_disk`` directory's ``state.json``; a directory that is something else is refused by name."""
+    state = path / "state.json"
+    if not state.is_file():
+        splits = path / "dataset_dict.json"
+        if splits.is_file():
+            try:
+                names = orjson.loads(splits.read_bytes()).get("splits", [])
+            except (orjson.JSONDecodeError, AttributeError, OSError):
+                names = []
+            example = path / (names[0] if names else "train")
+            raise RecordFileError(path, f"is a DatasetDict (splits: {', '.join(map(str, names)) or 'unknown'}); "
+                                  f"give one split's directory, e.g. {example}")
+        raise RecordFileError(path, f"is a directory without state.json; {_KNOWN}")
+    try:
+        value = orjson.loads(state.read_bytes())
+    except (orjson.JSONDecodeError, OSError) as err:
+        raise RecordFileError(path, f"state.json cannot be read ({err})") from err
+    if not isinstance(value, dict) or not isinstance(value.get("_data_files"), list):
+        raise RecordFileError(path, "state.json lists no _data_files; is this a datasets save_to_disk directory?")
+    return value
+
+
+def _dataset_files(path: Path) -> list[Path]:
+    """A saved dataset's data files, in its rows' order (``state.json``'s ``_data_files``); each must exist."""
+    state = _dataset_state(path)
+    if state.get("_indices_data_files"):  # save_to_disk flattens a selection; an unflattened one is not rows in order
+        raise RecordFileError(path, "holds an indices mapping; save it again after dataset.flatten_indices()")
+    files = []
+    for entry in state["_data_files"]:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        file = path / str(name)
+        if not isinstance(name, str) or Path(name).name != name or not file.is_file():
+            raise RecordFileError(path, f"state.json names data file {name!r}, which the directory does not hold")
+        files.append(file)
+    return files
+
+
+def data_files(path: Path | str) -> list[Path]:
+    """The files holding ``path``'s rows: the file itself, or a saved dataset's data files (what a digest reads)."""
+    path = Path(path)
+    return _dataset_files(path) if record_format(path)[0] == "dataset" else [path]
+
+
+def row_count(path: Path | str) -> int | None:
+    """The rows of a tabular input, from its metadata (no row decoded); None for JSON formats, which only a pass over
+    the file can count."""
+    if record_format(path)[0] not in TABULAR:
+        return None
+    return sum(f.rows for f in fragments(path, min_rows=1 << 62))
+
+
+def table_schema(path: Path | str) -> pa.Schema | None:
+    """The Arrow schema of a tabular input (a saved dataset's: its first data file's), metadata included, so outputs
+    keep the input's column types (``datasets`` reads its ``Features`` back from it, and takes the saft_* columns
+    it does not describe from their Arrow types); None for JSON formats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    fmt, _ = record_format(path)
+    if fmt == "parquet":
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as err:
+            raise RecordFileError(path, f"is not a readable Parquet file ({err})") from err
+    elif fmt in TABULAR and (files := data_files(path)):
+        with _arrow_reader(files[0]) as (schema, _):
+            pass
+    else:
+        return None
+    return schema
 
 
 def batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | str]:

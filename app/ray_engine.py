@@ -1,12 +1,14 @@
 """``saft filter --engine ray``: the local filter's scoring core spread over a Ray Data actor pool.
 
-Owns: finding the input shards, reading them into numbered lines (JSON shards in any ``app.lines`` format by
-``read_file``; Parquet shards by ``ray.data.read_parquet``, the row index as the line number), the scoring actor
+Owns: finding the input shards, cutting them into read tasks and reading those into numbered lines (a JSON shard in
+any ``app.lines`` format is one task, read by ``read_file``; a table — a Parquet or Arrow shard, a dataset saved by
+``datasets``' ``save_to_disk`` — is one task per ``app.lines.fragments`` part, runs of whole row groups or one Arrow
+file, each numbering its rows from the part's first row number, so a row's line is its row in the shard), the scoring actor
 (one Embedder and one subspace per actor, a GPU each when the cluster has them) and the datasink that writes the
 kept / dropped / rejected (and optional per-line score) shards and counts every line per shard and every shape.
 
 Must not: parse, format, embed or score in a way of its own. Lines are numbered and parsed by
-``app.pipeline.read_file`` / ``parse_line``, scored by ``score_lines`` and written as
+``app.pipeline.read_file`` / ``read_records`` over ``app.lines``' records, scored by ``score_lines`` and written as
 ``filter_record`` / ``line_record`` say, exactly as the local engine does; only the fan-out is Ray's.
 ``ray`` is imported inside the functions that need it, so nothing else in the package (the service
 above all) ever imports it.
@@ -28,8 +30,18 @@ from app.artifacts import Manifest, check_compatible
 from app.config import Settings
 from app.embedding import Embedder
 from app.items import Shape
-from app.lines import SUFFIXES, RecordFileError, batch_rows, record_format
-from app.pipeline import Line, direct_embed, filter_record, json_default, line_record, parse_line, read_file, score_lines
+from app.lines import SUFFIXES, TABULAR, Fragment, RecordFileError, fragment_records, fragments, record_format
+from app.pipeline import (
+    Line,
+    direct_embed,
+    filter_record,
+    json_default,
+    line_record,
+    parse_line,
+    read_file,
+    read_records,
+    score_lines,
+)
 from app.subspace import Subspace
 
 if TYPE_CHECKING:
@@ -50,6 +62,7 @@ class RayOptions:
     cpus_per_actor: float = 1.0  # also torch's thread count in the actor (SAFT_NUM_THREADS wins when set)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     batch_lines: int = 256  # lines per actor call (the model's own batches are still token-budgeted)
+    read_rows: int = 8192  # rows per read task of a table (whole row groups: at least this many, but for the last)
     address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for this run
 
 
@@ -62,9 +75,16 @@ def _is_shard(path: Path) -> bool:
 
 
 def find_shards(spec: str | Path) -> list[Path]:
-    """The shards named by a file, a directory (its files in a format ``app.lines`` reads, sorted) or a glob pattern
-    (sorted); a named file or a glob match in a format saft does not read is refused, not skipped."""
+    """The shards named by a file, a saved dataset (one shard), a directory (its files in a format ``app.lines`` reads,
+    sorted) or a glob pattern (sorted); a named file or a glob match in a format saft does not read is refused, not
+    skipped."""
     path = Path(spec)
+    if path.is_dir() and (path / "state.json").is_file():
+        try:
+            record_format(path)
+        except RecordFileError as err:
+            raise RayEngineError(f"input: {err}") from None
+        return [path.resolve()]
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if _is_shard(p))
         if not found:
@@ -103,28 +123,42 @@ def _line_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def split_shard(row: dict[str, Any], reading: Reading = ("auto", None)) -> Iterator[dict[str, Any]]:
-    """One JSON shard (a row ``{"path"}``) → one row per record, numbered as the local engine numbers them: the
-    file is read where the task runs by ``read_file`` (any JSONL/JSON format, compressed or not)."""
-    shard = str(row["path"])
-    for line in read_file(shard, *reading):
+def read_tasks(shards: list[Path], read_rows: int) -> list[dict[str, Any]]:
+    """The read tasks of a run, in shard order: ``{"shard", "fragment"}``, ``fragment`` None for a JSON shard (read
+    whole) or one ``app.lines.fragments`` part of a table as JSON (its file, row groups, first row number, rows)."""
+    tasks: list[dict[str, Any]] = []
+    for shard in shards:
+        if record_format(shard)[0] not in TABULAR:
+            tasks.append({"shard": str(shard), "fragment": None})
+            continue
+        try:
+            parts = fragments(shard, min_rows=read_rows)
+        except RecordFileError as err:
+            raise RayEngineError(f"input: {err}") from None
+        tasks.extend({"shard": str(shard), "fragment": orjson.dumps({**part._asdict(), "path": str(part.path)})}
+                     for part in parts if part.rows)  # an empty part has no line to account for
+    return tasks
+
+
+def task_lines(task: Mapping[str, Any], reading: Reading = ("auto", None)) -> Iterator[dict[str, Any]]:
+    """One read task → one row per record, numbered as the local engine numbers the shard's records: a JSON shard by
+    ``read_file`` (any JSONL/JSON format, compressed or not), a table's part by ``fragment_records`` from its first
+    row's number on (nulls are absent keys, a value Python cannot hold is that row's error, not the shard's)."""
+    shard = str(task["shard"])
+    if task["fragment"] is None:
+        lines = read_file(shard, *reading)
+    else:
+        part = orjson.loads(task["fragment"])
+        groups = part["row_groups"]
+        fragment = Fragment(Path(part["path"]), None if groups is None else tuple(groups), part["first"], part["rows"])
+        lines = read_records(fragment_records(fragment), *reading)
+    for line in lines:
         yield _line_row(shard, line)
 
 
-def json_lines(batch: pa.Table, reading: Reading) -> pa.Table:
-    """``map_batches`` over rows ``{"path"}`` of JSON shards: every line of each (``split_shard``)."""
-    return _line_table([line for row in batch.to_pylist() for line in split_shard(row, reading)])
-
-
-def parquet_lines(batch: pa.Table, shard: str, reading: Reading) -> pa.Table:
-    """``map_batches`` over a Parquet shard read by ``ray.data.read_parquet`` and zipped with ``ray.data.range``: the
-    zipped column (the last, whatever ``zip`` names it) is the row index, so each row keeps its number in the file,
-    as ``read_file`` numbers it. Rows are read as ``app.lines`` reads them (``batch_rows``: nulls are absent keys,
-    a value Python cannot hold is that row's error, not the shard's)."""
-    index = batch.column(batch.num_columns - 1).to_pylist()
-    rows = batch_rows(batch.drop_columns([batch.column_names[-1]]))  # type: ignore[arg-type]
-    return _line_table([_line_row(shard, Line(i + 1, None, None, None, row) if isinstance(row, str) else parse_line(i + 1, row, *reading))
-                        for i, row in zip(index, rows, strict=True)])
+def read_lines(batch: pa.Table, reading: Reading) -> pa.Table:
+    """``map_batches`` over read tasks (``read_tasks``' rows): every line of each (``task_lines``)."""
+    return _line_table([line for task in batch.to_pylist() for line in task_lines(task, reading)])
 
 
 class LineScorer:
@@ -211,40 +245,16 @@ def _sink(outputs: dict[str, Path | None]):  # type: ignore[no-untyped-def]
     return FilterSink()
 
 
-def _read_shards(shards: list[Path], reading: Reading) -> Any:
-    """One dataset of numbered lines over every shard, in shard order (``union`` keeps it): each run of JSON shards
-    is read by ``split_shard`` (a block per shard), each Parquet shard by ``ray.data.read_parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _read_shards(shards: list[Path], reading: Reading, read_rows: int) -> Any:
+    """One dataset of numbered lines over every shard, in shard order: a block per read task (``read_tasks``), read
+    where the task runs; ``preserve_order`` (set by ``run_filter``) keeps the tasks' order."""
     import ray
 
-    parts: list[Any] = []
-    run: list[Path] = []
-
-    def flush_run() -> None:
-        if run:
-            parts.append(ray.data.from_items([{"path": str(p)} for p in run], override_num_blocks=len(run))
-                         .map_batches(json_lines, fn_args=(reading,), batch_size=1, batch_format="pyarrow"))
-            run.clear()
-
-    for path in shards:
-        if record_format(path)[0] != "parquet":
-            run.append(path)
-            continue
-        flush_run()
-        try:
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except (pa.ArrowException, OSError) as err:
-            raise RayEngineError(f"input: {path} is not a readable Parquet file ({err})") from err
-        if rows:  # an empty shard has no line to account for (its counts stay 0)
-            # zip pairs rows by position, which holds because run_filter sets preserve_order before building this
-            # (Ray 2.60 deprecates zip, its removal announced for 2.64: ray is pinned to 2.60.0 in pyproject).
-            table = ray.data.read_parquet(str(path), partitioning=None).zip(ray.data.range(rows))
-            parts.append(table.map_batches(parquet_lines, fn_args=(str(path), reading), batch_format="pyarrow"))
-    flush_run()
-    if not parts:
+    tasks = read_tasks(shards, read_rows)
+    if not tasks:
         return ray.data.from_items([])  # nothing to read: every shard is empty
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return (ray.data.from_items(tasks, override_num_blocks=len(tasks))
+            .map_batches(read_lines, fn_args=(reading,), batch_size=1, batch_format="pyarrow"))
 
 
 def run_filter(
@@ -302,7 +312,7 @@ def run_filter(
         sink = _sink(outputs)
         reading: Reading = (shape, dict(columns) if columns else None)
         (
-            _read_shards(shards, reading)
+            _read_shards(shards, reading, options.read_rows)
             .map_batches(
                 LineScorer,
                 fn_constructor_args=(settings, subspace, manifest, threshold, reading),

@@ -350,6 +350,90 @@ def test_columns_map_keys_for_score_eval_and_fit(env: Path, data: Data, referenc
     assert abs(ours.components_ - theirs.components_).max() <= 1e-4 * abs(theirs.components_).max()
 
 
+def save_dataset(path: Path, rows: list[dict], **save: Any) -> Path:
+    """``rows`` as a Hugging Face dataset written by ``Dataset.save_to_disk`` (every key any row has is a column)."""
+    import datasets
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in names}).save_to_disk(str(path), **save)
+    return path
+
+
+def test_a_saved_dataset_scores_as_its_jsonl_form(env: Path, data: Data, reference: dict[Key, float], tmp_path: Path) -> None:
+    """Rows of several shapes as one dataset saved to disk in three shards (a column per key, null where a row lacks
+    it): scored as their canonical form and as the same rows in JSONL (1e-4), one record per row numbered as
+    load_from_disk indexes it (plus one), the invalid row its own error."""
+    files = _parquet_cases(data)
+    cases = [*files["alpaca"], *files["sharegpt"], *files["messages"], *files["preference"]]  # no column of two types
+    dataset = save_dataset(tmp_path / "mixed", [c.row for c in cases], num_shards=3)
+    records = _score_file(dataset, tmp_path / "dataset.out.jsonl")
+    check_records(records, cases, reference)
+    plain = [{k: v for k, v in c.row.items() if v is not None} for c in cases]
+    as_jsonl = _score_file(write_rows(tmp_path / "mixed.jsonl", plain), tmp_path / "jsonl.out.jsonl")
+    assert [(r["line"], r.get("verdict"), "error" in r) for r in records] == [(r["line"], r.get("verdict"), "error" in r) for r in as_jsonl]
+    assert all(close(a["score"], b["score"]) for a, b in zip(records, as_jsonl, strict=True) if "score" in b)
+    assert sum("score" in r for r in records) == len(cases) - 1
+
+
+def test_filter_eval_and_fit_read_a_saved_dataset(env: Path, data: Data, reference: dict[Key, float], tmp_path: Path,
+                                                  calibration_rows: list[dict]) -> None:
+    import datasets
+
+    from app.embedding import sha256_files
+
+    cases = _parquet_cases(data)["alpaca"] + _parquet_cases(data)["preference"]
+    rows = [{**c.row, "id": f"d{i}"} for i, c in enumerate(cases)]
+    dataset = save_dataset(tmp_path / "mixed", rows, num_shards=3)
+    tau = (reference[data.harmful] + reference[data.refusal]) / 2
+    out = {"kept": tmp_path / "kept.parquet", "dropped": tmp_path / "dropped.jsonl", "rejected": tmp_path / "rejected.jsonl",
+           "scores": tmp_path / "scores.parquet"}
+    summary = _invoke(["filter", dataset, "--threshold", tau, *(x for n, p in out.items() for x in (f"--{n}", p))])
+    expected = ["rejected" if c.shape is None else ("drop" if reference[c.keys[0]] > tau else "keep") for c in cases]
+    assert summary["total"] == len(rows) == summary["kept"] + summary["dropped"] + summary["rejected"]
+    assert (summary["kept"], summary["dropped"], summary["rejected"]) == tuple(expected.count(v) for v in ("keep", "drop", "rejected"))
+    scores = pq.read_table(out["scores"]).to_pylist()
+    assert [(r["saft_line"], r["id"], r["saft_verdict"]) for r in scores] == [(i + 1, r["id"], v) for i, (r, v) in
+                                                                               enumerate(zip(rows, expected, strict=True))]
+    assert all(close(r["saft_score"], reference[c.keys[0]]) for r, c in zip(scores, cases, strict=True) if c.shape is not None)
+    kept = pq.read_table(out["kept"])
+    loaded = datasets.load_from_disk(str(dataset))
+    assert kept.schema.equals(loaded.data.schema, check_metadata=False), "kept rows keep the dataset's column types"
+    assert kept.column("id").to_pylist() == [r["id"] for r, v in zip(rows, expected, strict=True) if v == "keep"]
+    assert [json.loads(x)["line"] for x in out["rejected"].read_text().splitlines()] == [expected.index("rejected") + 1]
+
+    labelled = save_dataset(tmp_path / "labelled", [{"prompt": p, "response": r, "label": int((p, r) == data.harmful)}
+                                                    for p, r in [*data.pairs, data.harmful, data.refusal]])
+    result = _invoke(["eval", labelled, "--report", tmp_path / "eval.html"])
+    assert result["metrics"]["overall"]["n"] == len(data.pairs) + 2 and result["rejected"]["count"] == 0
+
+    # fit on the calibration rows as a saved dataset equals the fit on them as decoded objects (the "formats" version).
+    calibration = save_dataset(tmp_path / "calibration", calibration_rows, num_shards=2)
+    fitted = _invoke(["fit", calibration, "--layers", "8", "--pooling", "response", "--method", "lda", "--center", "kind",
+                      "--max-length", "128", "--policy", "max_f1", "--name", "from-dataset", "--report", tmp_path / "fit.html"])
+    assert fitted["rejected"]["count"] == 0
+    ours, manifest = load_version(env, "from-dataset")
+    theirs, reference_manifest = load_version(env, "formats")
+    assert manifest.calibration["counts"] == reference_manifest.calibration["counts"]
+    assert manifest.calibration["sha256"] == sha256_files(sorted(calibration.glob("data-*.arrow")))
+    assert manifest.threshold == pytest.approx(reference_manifest.threshold, rel=1e-4, abs=1e-4)
+    assert abs(ours.components_ - theirs.components_).max() <= 1e-4 * abs(theirs.components_).max()
+
+
+def test_a_directory_that_is_not_a_saved_dataset_is_refused(env: Path, tmp_path: Path) -> None:
+    import datasets
+
+    one = datasets.Dataset.from_dict({"text": ["a"]})
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "splits"))
+    for args in (["score", tmp_path / "splits"], ["filter", tmp_path / "splits"], ["eval", tmp_path / "splits"]):
+        bad = runner.invoke(app, [str(a) for a in args])
+        said = " ".join(bad.output.split())  # rich wraps long lines
+        assert bad.exit_code == 2 and "is a DatasetDict (splits: train, test); give one split's directory" in said, said
+    (tmp_path / "plain").mkdir()
+    bad = runner.invoke(app, ["filter", str(tmp_path / "plain")])
+    said = " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "is a directory without state.json" in said and "needs --engine ray" in said, said
+
+
 @pytest.fixture(scope="module")
 def served(env: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("formats-api")
@@ -457,30 +541,43 @@ def test_filter_endpoint_refuses_a_zip_bomb_and_bad_encodings(served: str) -> No
 
 
 @pytest.mark.slow
-def test_ray_engine_reads_parquet_and_compressed_shards(env: Path, data: Data, reference: dict[Key, float],
-                                                        tmp_path: Path) -> None:
+def test_ray_engine_reads_parquet_compressed_and_dataset_shards(env: Path, data: Data, reference: dict[Key, float],
+                                                                tmp_path: Path) -> None:
     import os
 
     import ray
+
+    from app.ray_engine import read_tasks
 
     shards = tmp_path / "shards"
     shards.mkdir()
     parquet = _parquet_cases(data)
     write_rows(shards / "a.jsonl.gz", [c.row for c in data.cases[:20]])
-    write_rows(shards / "b.parquet", [c.row for c in parquet["alpaca"]])  # has an "id" column, as ray.data.range's
+    write_rows(shards / "b.parquet", [c.row for c in parquet["alpaca"]])  # row groups of 3 rows: 2 read tasks of them
     write_rows(shards / "c.json", [c.row for c in data.cases[20:]])
     write_rows(shards / "d.parquet", [c.row for c in parquet["preference"]])
     (shards / "notes.txt").write_text("not a shard\n")
     expected = {"a.jsonl.gz": data.cases[:20], "b.parquet": parquet["alpaca"], "c.json": data.cases[20:], "d.parquet": parquet["preference"]}
+    tasks = read_tasks([shards / "b.parquet"], read_rows=2)
+    assert [orjson.loads(t["fragment"])["first"] for t in tasks] == [1, 4], "two read tasks, the second from row 4 on"
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "ray"
-        summary = _invoke(["filter", shards, "--engine", "ray", "--actors", "1", "--batch-lines", "7",
+        # --read-rows 2: a Parquet shard is read in parts of whole row groups, each numbering its rows from its offset.
+        summary = _invoke(["filter", shards, "--engine", "ray", "--actors", "1", "--batch-lines", "7", "--read-rows", "2",
                            *(x for name in ("kept", "dropped", "rejected", "scores") for x in (f"--{name}", out / name))])
+        # A dataset saved to disk is one shard, read an Arrow file per task.
+        cases = [*parquet["sharegpt"], *parquet["alpaca"]]
+        dataset = save_dataset(tmp_path / "saved", [c.row for c in cases], num_shards=3)
+        on_ray = _invoke(["filter", dataset, "--engine", "ray", "--actors", "1", "--batch-lines", "4",
+                          *(x for name in ("kept", "dropped", "rejected", "scores") for x in (f"--{name}", tmp_path / "saved-out" / name))])
     finally:
         ray.shutdown()
+    saved = [json.loads(line) for f in sorted((tmp_path / "saved-out" / "scores").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert set(on_ray["shards"]) == {str(dataset.resolve())} and on_ray["total"] == len(saved) == len(cases)
+    check_records([{k: v for k, v in r.items() if k != "shard"} for r in saved], cases, reference)
     scores = [json.loads(line) for f in sorted((out / "scores").glob("*.jsonl")) for line in f.read_text().splitlines()]
     total = sum(len(c) for c in expected.values())
     assert summary["total"] == len(scores) == total

@@ -17,7 +17,20 @@ import pytest
 import zstandard
 
 from app.items import ItemError, parse_item
-from app.lines import SAFT_COLUMNS, Record, RecordFileError, jsonl_records, open_records, record_format, write_parquet_rows
+from app.lines import (
+    SAFT_COLUMNS,
+    Record,
+    RecordFileError,
+    data_files,
+    fragment_records,
+    fragments,
+    jsonl_records,
+    open_records,
+    record_format,
+    row_count,
+    table_schema,
+    write_parquet_rows,
+)
 
 
 def _jsonl(rows: list[dict]) -> bytes:
@@ -142,11 +155,12 @@ def test_unknown_and_unreadable_files_are_named(tmp_path: Path) -> None:
     assert record_format("a/b.JSONL.ZST") == ("jsonl", "zstd")
     assert record_format("b.json.gz") == ("json", "gzip")
     assert record_format("b.parquet") == ("parquet", None)
-    for name in ("set.csv", "set", "set.parquet.gz", "set.gz"):
+    assert record_format("b.arrow") == ("arrow", None)
+    for name in ("set.csv", "set", "set.parquet.gz", "set.gz", "set.arrow.zst"):
         with pytest.raises(RecordFileError) as info:
             list(open_records(tmp_path / name))
         assert str(info.value) == f"{tmp_path / name}: unknown file type; saft reads .jsonl, .jsonl.gz, .jsonl.zst, " \
-            ".json, .json.gz, .json.zst, .parquet"
+            ".json, .json.gz, .json.zst, .parquet, .arrow and a directory written by datasets' Dataset.save_to_disk"
     fake = tmp_path / "fake.parquet"
     fake.write_bytes(b'{"text": "not parquet"}\n')
     with pytest.raises(RecordFileError) as info:
@@ -255,3 +269,93 @@ def test_parquet_output_is_atomic(tmp_path: Path, calibration_rows: list[dict]) 
         write_parquet_rows(out, rows_then_crash(), schema=schema)
     assert out.read_bytes() == before  # a failed write leaves the previous file whole
     assert sorted(os.listdir(tmp_path)) == ["kept.parquet"]
+
+
+# Hugging Face datasets on disk: a directory written by Dataset.save_to_disk, and the .arrow files of datasets' cache.
+# They are read with pyarrow alone; the datasets package (a dev dependency) only writes them here, and says what
+# its own reader would give back.
+
+
+def _saved(tmp_path: Path, name: str, dataset: Any, **save: Any) -> Path:
+    path = tmp_path / name
+    dataset.save_to_disk(str(path), **save)
+    return path
+
+
+def test_a_saved_dataset_reads_as_load_from_disk_gives_it(tmp_path: Path, calibration_rows: list[dict]) -> None:
+    import datasets
+
+    rows = calibration_rows
+    whole = datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)})
+    as_saved = _saved(tmp_path, "whole", whole, num_shards=3)
+    assert len(data_files(as_saved)) == 3 and record_format(as_saved) == ("dataset", None)
+    # Every row, numbered 1.. across the shards; a null (a key the row lacks) is an absent key, as in Parquet.
+    assert _objects(list(open_records(as_saved))) == list(enumerate(rows, start=1))
+    assert row_count(as_saved) == len(rows)
+    # A shuffled selection is saved flattened: row N is load_from_disk(path)[N - 1], whatever order it holds.
+    picked = whole.shuffle(seed=3).select(range(0, len(rows), 2))
+    path = _saved(tmp_path, "picked", picked, num_shards=2)
+    loaded = datasets.load_from_disk(str(path))
+    expected = [(i + 1, {k: v for k, v in loaded[i].items() if v is not None}) for i in range(len(loaded))]
+    assert _objects(list(open_records(path))) == expected and len(expected) == -(-len(rows) // 2)
+    assert table_schema(path).names == loaded.column_names  # type: ignore[union-attr]
+    # Its parts, read apart as the Ray engine reads them, are the same records.
+    parts = fragments(path, min_rows=1)
+    assert [p.path for p in parts] == data_files(path) and [p.first for p in parts] == [1, parts[0].rows + 1]
+    assert [r for p in parts for r in fragment_records(p)] == list(open_records(path))
+
+
+def test_parquet_parts_are_whole_row_groups_numbered_as_the_file(tmp_path: Path, calibration_rows: list[dict]) -> None:
+    path = _write_every_format(tmp_path, calibration_rows)["parquet"]  # row groups of 7 rows
+    parts = fragments(path, min_rows=10)
+    assert [p.row_groups for p in parts][:2] == [(0, 1), (2, 3)]
+    assert all(p.rows >= 10 for p in parts[:-1]) and sum(p.rows for p in parts) == len(calibration_rows)
+    assert [p.first for p in parts] == [1 + sum(q.rows for q in parts[:i]) for i in range(len(parts))]
+    assert [r for p in parts for r in fragment_records(p)] == list(open_records(path))
+    assert row_count(path) == len(calibration_rows) and row_count(tmp_path / "set.jsonl") is None
+
+
+def test_datasets_cache_files_and_feather_are_read(tmp_path: Path, calibration_rows: list[dict]) -> None:
+    import datasets
+    from pyarrow import feather
+
+    source = tmp_path / "set.jsonl"
+    source.write_bytes(_jsonl(calibration_rows))
+    cached = datasets.load_dataset("json", data_files=str(source), cache_dir=str(tmp_path / "cache"), split="train")
+    arrow = Path(cached.cache_files[0]["filename"])  # ~/.cache/huggingface/datasets/json/.../json-train.arrow, here
+    assert arrow.suffix == ".arrow" and _objects(list(open_records(arrow))) == list(enumerate(calibration_rows, start=1))
+    feather.write_feather(_table(calibration_rows[:5]), tmp_path / "five.arrow")  # an Arrow IPC *file*, not a stream
+    assert _objects(list(open_records(tmp_path / "five.arrow"))) == list(enumerate(calibration_rows[:5], start=1))
+    (tmp_path / "fake.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(RecordFileError, match="fake.arrow: is not an Arrow IPC stream or file"):
+        list(open_records(tmp_path / "fake.arrow"))
+
+
+def test_a_dataset_value_python_cannot_hold_is_that_rows_error(tmp_path: Path) -> None:
+    import datasets
+
+    micros = [0, 2**62, 86400 * 10**6]
+    path = _saved(tmp_path, "stamps", datasets.Dataset.from_dict({"text": ["a", "b", "c"], "at": pa.array(micros, pa.timestamp("us"))}))
+    records = list(open_records(path))
+    assert records[0] == Record(1, {"text": "a", "at": dt.datetime(1970, 1, 1)}, None)
+    assert records[1].payload is None and records[1].error is not None and records[1].error.startswith("at: cannot be read (")
+    assert records[2] == Record(3, {"text": "c", "at": dt.datetime(1970, 1, 2)}, None)
+
+
+def test_directories_that_are_not_one_saved_dataset_are_refused(tmp_path: Path) -> None:
+    import datasets
+
+    one = datasets.Dataset.from_dict({"text": ["a", "b"]})
+    splits = _saved(tmp_path, "splits", datasets.DatasetDict({"train": one, "test": one}))
+    with pytest.raises(RecordFileError) as info:
+        list(open_records(splits))
+    assert str(info.value) == f"{splits}: is a DatasetDict (splits: train, test); give one split's directory, e.g. {splits / 'train'}"
+    assert [r.payload for r in open_records(splits / "test")] == [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(RecordFileError, match="is a directory without state.json; saft reads .jsonl"):
+        record_format(tmp_path)
+    broken = _saved(tmp_path, "broken", one)
+    data_files(broken)[0].unlink()
+    with pytest.raises(RecordFileError, match="state.json names data file 'data-00000-of-00001.arrow', which the directory does not hold"):
+        list(open_records(broken))
+    with pytest.raises(RecordFileError, match="is jsonl, not a table"):
+        fragments(tmp_path / "x.jsonl", min_rows=1)
