@@ -74,12 +74,11 @@ def stage() -> SaftScore:
 
 
 def _batches(root: Path) -> list[DocumentBatch]:
-    """Each data file as Curator's reader reads it (a pyarrow table), and the dev lines again as a pandas frame with
-    every other row filtered out (an index that is not a range, as after an upstream ``Filter``)."""
+    """Each data file as Curator's reader reads it (a pyarrow table); the dev lines then as a pandas frame in reverse
+    order, whose index is not a range (as after an upstream ``Filter``) and is no column of the row."""
     reader = JsonlReaderStage()
-    tables = [DocumentBatch(dataset_name="t", data=reader.read_data([str(p)])) for p in sorted((root / "data").glob("*.jsonl"))]
-    frame = tables[1].to_pandas()
-    return [*tables, DocumentBatch(dataset_name="t", data=frame.iloc[::2])]
+    chat, items = (DocumentBatch(dataset_name="t", data=reader.read_data([str(root / "data" / name)])) for name in ("chat.jsonl", "items.jsonl"))
+    return [chat, DocumentBatch(dataset_name="t", data=items.to_pandas().iloc[::-1])]
 
 
 def test_stage_columns_on_every_row_are_saft_filters_and_filter_acts_on_them(stage: SaftScore, root: Path, reference: dict) -> None:

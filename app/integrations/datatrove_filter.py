@@ -1,10 +1,10 @@
 """``SaftFilter``: a datatrove ``BaseFilter`` that keeps the documents ``saft filter`` keeps.
 
 Each batch of documents (``batch_size``, ``filter_batch``) is turned back into the rows they were read from
-(``document_row``) and scored in-process by ``app.integrations.local.LocalScorer``, which loads the model and the
-subspace once per pipeline task, on the first batch. The verdict lands in ``doc.metadata`` (``VERDICT_FIELDS``); a
-harmful document is dropped with the reason ``harmful`` and one that is no valid sample with ``invalid`` (its reason in
-``saft_error``), both written to the ``exclusion_writer`` when one is given.
+(``document_row``) and scored in-process by ``app.integrations.local.LocalScorer``, loaded where the pipeline runs, on
+the first batch (the model once per process). The verdict lands in ``doc.metadata`` (the ``VERDICT_FIELDS`` that
+apply); a harmful document is dropped with the reason ``harmful`` and one that is no valid sample with ``invalid`` (its
+reason in ``saft_error``), both written to the ``exclusion_writer`` when one is given.
 
 ``row_adapter`` is the reader adapter for files whose rows have no ``text`` (``messages``, ``conversations``,
 ``prompt``/``response``, preference rows), which datatrove's readers would otherwise skip.
