@@ -15,7 +15,8 @@ from typing import Any
 
 from saft_filter_client import ItemRefused, SaftClient, Scored
 
-from app.pipeline import Line, Scored as LineScored, line_record, merge_sides
+from app.pipeline import Line, line_record, merge_sides
+from app.pipeline import Scored as LineScored
 
 #: The client names a refused item by its place in the items sent (``items[7]: ...``); a record names its line.
 _ITEM_PREFIX = re.compile(r"^items(?:\[\d+\]|\.\d+)")

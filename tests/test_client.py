@@ -115,28 +115,43 @@ def test_score_is_chunked_to_info_limits_and_refused_items_keep_their_place(serv
     reference = _direct(served, items)
     typed_reference = _direct(served, [typed.model_dump(exclude_unset=True)])[0]
     big = {"id": "big", "text": "word " * 700}  # 3500 characters: above SAFT_MAX_CHARS_PER_ITEM
-    run = [*items[:5], big, typed, {"id": "empty", "text": "  "}, *items[5:]]
+    run = [*items[:5], big, typed, {"id": "empty", "text": "  "}, {"id": "keys", "question": "?"}, *items[5:]]
     before = {s: _requests(served, "/score", s) for s in (200, 413, 422)}
     with SaftClient(served, token=CLIENT, concurrency=2) as client:
         assert client.info().limits.max_items_per_request == 4
         results = client.score(run)
     assert len(results) == len(run)
     refused = {i: r for i, r in enumerate(results) if isinstance(r, ItemRefused)}
-    assert sorted(refused) == [5, 7]
+    assert sorted(refused) == [5, 7, 8]
     assert refused[5].id == "big" and refused[5].status_code == 413 and refused[5].type == "too_large"
     assert refused[5].error == "items[5]: 3500 characters exceed the limit of 3000 per item"  # named by its input position
     assert refused[7].id == "empty" and refused[7].status_code == 422 and refused[7].error.startswith("items.7: text: is empty")
+    # Both invalid items of one request were named by one 422 (its message lists them, "; "-joined), each with its part.
+    assert refused[8].error.startswith("items.8: item: keys ['id', 'question'] fit no known shape; known shapes: text")
+    assert "items.7" not in refused[8].error and "items.8" not in refused[7].error
     scored = [r for i, r in enumerate(results) if i not in refused]
     for result, ref in zip([*scored[:5], *scored[6:]], reference, strict=True):
         _same(result, ref)
     _same(scored[5], typed_reference)
     pref = next(r for r in results if isinstance(r, ItemResult) and r.id == "pref")
     assert pref.sides is not None and pref.sides["chosen"].score == pref.score
-    # 12 items, the preference row counting as two: 13 of 4 per request is 4 requests, and one more for each chunk
-    # that held a refused item (the service refuses the request; the client sends the rest again).
+    # 13 items, the preference row counting as two: 14 of 4 per request is 4 requests, each refused one (413, then a
+    # 422 naming two items) sent again without the items it named.
     after = {s: _requests(served, "/score", s) for s in (200, 413, 422)}
     assert after[413] - before[413] == 1 and after[422] - before[422] == 1
     assert after[200] - before[200] == 4
+
+
+def test_refusals_split_a_request_the_service_refused_without_naming_an_item() -> None:
+    from saft_filter_client.chunking import entry, refusals
+
+    entries = [entry(i, {"id": i, "text": f"t{i}"}, 2**20) for i in range(10, 15)]
+    too_many = SaftError(413, "too_large", "items: 6 items exceed the limit of 4 per request")
+    assert refusals(entries, too_many) == ([], [entries[:2], entries[2:]])  # halves, until a request passes or names one
+    [alone], again = refusals(entries[3:4], SaftError(413, "too_large", "body: exceeds the limit of 100 bytes"))
+    assert again == [] and alone.index == 13 and alone.error == "body: exceeds the limit of 100 bytes"
+    with pytest.raises(SaftError):  # a request-wide 422 is the caller's to see, not an item's
+        refusals(entries, SaftError(422, "invalid_input", "threshold: Input should be a finite number"))
 
 
 def test_async_client_rides_out_the_real_queue_429s(served: str, dev_rows: list[dict], caplog: pytest.LogCaptureFixture) -> None:
@@ -334,8 +349,8 @@ def _readme_example() -> str:
 
 
 def test_readme_client_example_runs_as_written(served: str) -> None:
-    code = _readme_example() + "\nimport sys; print(sorted({m.split('.')[0] for m in sys.modules} & %r))" % MODEL_STACK
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+    code = _readme_example() + f"\nimport sys; print(sorted({{m.split('.')[0] for m in sys.modules}} & {MODEL_STACK!r}))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", check=False,
                          env={"PATH": "/usr/bin:/bin", "SAFT_URL": served, "SAFT_TOKEN": CLIENT})
     assert run.returncode == 0, run.stderr
     *out, loaded = run.stdout.strip().splitlines()

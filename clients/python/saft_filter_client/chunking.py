@@ -98,11 +98,11 @@ def refusals(entries: list[Entry], err: SaftError) -> tuple[list[ItemRefused], l
         raise err
     named: dict[int, list[str]] = {}
     matches = list(_ITEM_ERROR.finditer(err.message))
-    for m, after in zip(matches, [*matches[1:], None], strict=True):
+    ends = [m.start() for m in matches[1:]] + [len(err.message)] * bool(matches)  # a part runs to the next item's
+    for m, end in zip(matches, ends, strict=True):
         position = int(m.group(1) or m.group(2))
         if position < len(entries):
-            part = err.message[m.start():None if after is None else after.start()]
-            named.setdefault(position, []).append(part.removeprefix("; "))
+            named.setdefault(position, []).append(err.message[m.start():end].removeprefix("; "))
     if named:
         refused = [ItemRefused(index=entries[p].index, id=entries[p].id, status_code=err.status_code, type=err.type,
                                error=_renumber("; ".join(parts), p, entries[p].index)) for p, parts in sorted(named.items())]
