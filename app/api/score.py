@@ -215,8 +215,9 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
 
 
 async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape | Literal["auto"] = "auto",
-                 columns: Mapping[str, str] | None = None) -> AsyncIterator[Line]:
-    """Numbered lines of the upload, read incrementally; oversize lines become error lines."""
+                 columns: Mapping[str, str] | None = None, start_line: int = 1) -> AsyncIterator[Line | None]:
+    """Numbered lines of the upload, read incrementally; oversize lines become error lines. A line numbered below
+    ``start_line`` (a resumed stream) is ``None``: counted, not parsed."""
     buffer = bytearray()
     number = 0
     skipping = False  # inside an oversize line: drop bytes until its newline
@@ -228,7 +229,7 @@ async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape
                 if len(buffer) > max_line_bytes and not skipping:
                     number += 1
                     skipping = True
-                    yield Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
+                    yield None if number < start_line else Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
                 if skipping:
                     buffer.clear()
                 break
@@ -239,11 +240,11 @@ async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape
                 continue
             number += 1
             if len(raw) > max_line_bytes:
-                yield Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
+                yield None if number < start_line else Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
             elif raw.strip():  # blank lines keep their number but carry nothing to account for
-                yield parse_line(number, raw, shape, columns)
+                yield None if number < start_line else parse_line(number, raw, shape, columns)
     if buffer.strip() and not skipping:
-        yield parse_line(number + 1, bytes(buffer), shape, columns)
+        yield None if number + 1 < start_line else parse_line(number + 1, bytes(buffer), shape, columns)
 
 
 @router.post(
@@ -258,6 +259,8 @@ async def filter_stream(
     threshold: float | None = Query(None, allow_inf_nan=False, description="Override τ for this request."),
     shape: Literal["auto", Shape] = Query("auto", alias="format", description="The lines' shape; auto detects it line by line from the keys."),
     columns: str | None = Query(None, description="Key mapping, canonical=yours, comma-separated: prompt=question,response=answer"),
+    start_line: int = Query(1, ge=1, description="Resume an interrupted stream: send the same upload again with the last line "
+                            "received + 1; the lines before it are counted (summary: skipped), not scored, not emitted again."),
     service: ScoringService = Depends(get_service),
 ) -> Response:
     settings = service.settings
@@ -272,7 +275,7 @@ async def filter_stream(
         return Response(status_code=499)  # the client left before its gzip upload was in: nobody to answer
 
     async def records() -> AsyncIterator[bytes]:
-        counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
+        counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0, "skipped": 0}
         shapes: Counter[str] = Counter()
         pending: list[Line] = []
 
@@ -316,7 +319,11 @@ async def filter_stream(
 
         aborted = None
         try:
-            async for line in _lines(spool.chunks(), max_line_bytes, shape, mapping):
+            async for line in _lines(spool.chunks(), max_line_bytes, shape, mapping, start_line):
+                if line is None:  # before start_line: the client has its record from the stream it resumes
+                    counts["total"] += 1
+                    counts["skipped"] += 1
+                    continue
                 pending.append(line)
                 if len(pending) >= settings.filter_chunk_lines:
                     async for out in flush():
@@ -327,7 +334,9 @@ async def filter_stream(
             yield out
         if aborted is not None:  # the status line is already sent: say it in the stream
             yield orjson.dumps({"line": None, "error": f"{aborted}; the rest of the upload was not read"}) + b"\n"
-        summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None, shapes=dict(shapes))
-        yield orjson.dumps(summary.model_dump()) + b"\n"
+        summary = FilterSummary(**counts, subspace=_ref(snapshot, threshold), complete=aborted is None, shapes=dict(shapes),
+                                start_line=start_line)
+        resumed = start_line > 1  # a stream that does not resume reads as it always has
+        yield orjson.dumps(summary.model_dump(exclude=None if resumed else {"start_line", "skipped"})) + b"\n"
 
     return UploadStreamingResponse(records(), spool, media_type="application/x-ndjson")
