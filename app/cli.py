@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -20,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.artifacts import ArtifactError, check_compatible, load_version, save_version
+from app.anchoring import GuardBounds, decide_activation
+from app.artifacts import ArtifactError, active_version, check_compatible, load_version, save_version
 from app.calibration import calibration_error, probability
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
@@ -212,25 +214,46 @@ def fit(
     embeddings: EmbeddingsOpt = None,
     shape: FormatOpt = "auto",
     columns: ColumnsOpt = None,
-    activate: Annotated[bool, typer.Option(help="Make the new version active.")] = True,
+    mode: Annotated[str, typer.Option(help="combine: add the data to the active version's stored calibration (unlabeled "
+                                      "lines labelled by its verdicts, τ carried over); replace: fit on the data alone.")] = _FIT.mode,
+    labelled_weight: Annotated[float, typer.Option(help="combine: how many calibration sources the labelled lines weigh as.")] = _FIT.labelled_weight,
+    pseudo_weight: Annotated[float, typer.Option(help="combine: how many calibration sources the unlabeled lines weigh as.")] = _FIT.pseudo_weight,
+    activate: Annotated[str, typer.Option(help="auto: activate unless the new version and the active one disagree on the data "
+                                          "past the guard's bounds (SAFT_REFIT_GUARD_*); always; never.")] = "auto",
     strict: Annotated[bool, typer.Option(help="Stop at the first invalid line instead of rejecting it.")] = False,
     report: Annotated[Path | None, typer.Option(help="HTML report path (default reports/fit-NAME-VERSION.html).")] = None,
 ) -> None:
-    """Fit a subspace on a calibration set and publish it as a new version under models/."""
+    """Fit a subspace on a calibration set and publish it as a new version under models/.
+
+    Where NAME has an active version, the fit starts from it (--mode combine) and is compared with it on the data;
+    --activate auto then activates it only when the guard finds no reason against it (printed)."""
     settings = get_settings()
     name = name or settings.subspace_name
     try:
-        options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
-                               shrinkage, balance, nuisance, threshold_policy, cross_fit)
+        if activate not in ("auto", "always", "never"):
+            raise FitError(f"--activate must be auto, always or never, got {activate!r}")
+        options = replace(_fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
+                                       shrinkage, balance, nuisance, threshold_policy, cross_fit),
+                          mode=mode, labelled_weight=labelled_weight, pseudo_weight=pseudo_weight)
+        prior = None
+        if active_version(settings.models_dir, name) is not None:
+            prior = load_version(settings.models_dir, name)
         embedder = _load_embedder(model)
         embed, stored = _embed_fn(embedder, options.embedding, embeddings)
         with _progress("embedding calibration", sum(_count_lines(p) for p in calibration)) as advance:
             result = fit_lines(
                 embedder, _read_files(calibration, *_reading(shape, columns)), options, name=name, calibration_digest=sha256_files(f for p in calibration for f in data_files(p)),
                 calibration_path=",".join(p.name for p in calibration), progress=advance, embed=embed, strict=strict,
+                prior=prior,
             )
         _save_embeddings(stored, embeddings)
-        manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activate)
+        refit = result.manifest.refit or {}
+        activated, held = decide_activation(
+            activate, refit.get("comparison"), has_active=prior is not None,  # type: ignore[arg-type]
+            labelled=result.labels is not None or bool(refit.get("upload", {}).get("labelled")), bounds=GuardBounds(**settings.guard_bounds()))
+        if refit:
+            refit["activation"] = {"requested": activate, "activated": activated, "held": held}
+        manifest = save_version(settings.models_dir, result.subspace, result.manifest, activate=activated)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     report = report or Path("reports") / f"fit-{name}-{manifest.version}.html"
@@ -242,7 +265,8 @@ def fit(
         else probability(manifest.probability, result.scores, result.meta["item_kind"]),
     )
     typer.echo(json.dumps({"name": name, "version": manifest.version, "threshold": manifest.threshold,
-                           "thresholds": manifest.thresholds, "active": activate,
+                           "thresholds": manifest.thresholds, "active": activated, "held": held,
+                           "refit": {k: v for k, v in refit.items() if k != "activation"} or None,
                            "path": str(settings.models_dir / name / manifest.version), "report": str(report),
                            "rejected": manifest.calibration["rejected"],
                            "calibration_quality": manifest.quality.get("calibration", {}).get("overall")}, indent=2))

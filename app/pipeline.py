@@ -374,7 +374,13 @@ def fit_lines(
 
 
 def _prior_ref(prior: Prior) -> dict[str, Any]:
-    return {"name": prior[1].name, "version": prior[1].version, "n_samples": prior[1].calibration.get("n_samples")}
+    """The version a refit started from, and the stored statistics it could combine with (weighted counts)."""
+    stats: FitStatistics | None = getattr(prior[0], "statistics_", None)
+    return {"name": prior[1].name, "version": prior[1].version, "n_samples": prior[1].calibration.get("n_samples"),
+            "statistics": None if stats is None else {
+                "cells": {f"{kind}/{'unlabelled' if label is None else label}": round(float(n), 3)
+                          for (kind, label), (n, _, _) in sorted(stats.sums.items(), key=str)},
+                "sources_per_label": {str(label): float(n) for label, n in stats.n_sources.items()}}}
 
 
 def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: list[int | None], meta: dict[str, list[str]],
@@ -451,7 +457,7 @@ def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[
     vectors = np.concatenate(list(spool.batches(4096)))
     pool = EmbeddedPool(vectors, y, meta["item_kind"], meta["kind"], meta["source"], meta["group"])
     try:
-        result = crossval(pool, replace(options, cross_fit="none"), by="source")  # the fold scores; nested τ unused here
+        result = crossval(pool, options, by="source")
     except FitError as err:  # e.g. each source holds one label only: nothing to hold out
         log.warning("cross-fitting skipped: %s", err)
         return None
