@@ -174,15 +174,24 @@ def test_fit_auto_picks_by_labels(models_dir: Path, tmp_path: Path, calibration_
     labelled = write_jsonl(tmp_path / "l.jsonl", calibration_rows)
     unlabelled = write_jsonl(tmp_path / "u.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in calibration_rows])
     _run(["fit", str(labelled), "--layers", "4", "--max-length", "64"])
-    _run(["fit", str(unlabelled), "--layers", "4", "--max-length", "64", "--k", "2"])
+    # Unlabeled, beside an active labelled version: anchored on it (its verdicts label the data, τ carried over).
+    anchored = _run(["fit", str(unlabelled), "--layers", "4", "--max-length", "64", "--activate", "never"])
+    # The paper's unlabeled score on the data alone is asked for with --mode replace.
+    _run(["fit", str(unlabelled), "--layers", "4", "--max-length", "64", "--k", "2", "--mode", "replace", "--activate", "never"])
     _, first = load_version(models_dir, "clitest", "v1")
     _, second = load_version(models_dir, "clitest", "v2")
+    _, third = load_version(models_dir, "clitest", "v3")
     assert (first.method, first.threshold_policy.kind, first.threshold_policy.value) == ("lda", "fpr", 0.05)
     defaults = FitOptions()  # the CLI's defaults are FitOptions' (one place)
     assert (first.embedding.pooling, first.center, first.balance) == (defaults.embedding.pooling, defaults.center, defaults.balance)
     assert "calibration" in first.quality and first.quality["source_held_out"]["by"] == "source"  # labelled, with sources: cross-fitted
-    assert (second.method, second.threshold_policy.kind, second.k) == ("saft", "drop_rate", 2)
-    assert second.quality == {}  # nothing to measure without labels
+    assert second.method == "lda" and second.refit is not None and second.refit["strategy"] == "anchored"
+    assert second.refit["prior"]["version"] == "v1" and anchored["refit"]["upload"]["pseudo_labelled"] == len(calibration_rows)
+    assert anchored["active"] is False and anchored["held"] == ["activate=never"]
+    assert (third.method, third.threshold_policy.kind, third.k) == ("saft", "drop_rate", 2)
+    assert third.quality == {} and third.refit["strategy"] == "saft"  # nothing to measure without labels
     mixed = write_jsonl(tmp_path / "m.jsonl", calibration_rows[:5] + [{"text": "unlabelled"}])
-    result = runner.invoke(app, ["fit", str(mixed), "--layers", "4", "--max-length", "64"])
+    partly = _run(["fit", str(mixed), "--layers", "4", "--max-length", "64", "--activate", "never"])
+    assert partly["refit"]["strategy"] == "partly labelled" and partly["refit"]["upload"]["labelled"] == 5
+    result = runner.invoke(app, ["fit", str(mixed), "--layers", "4", "--max-length", "64", "--mode", "replace"])
     assert result.exit_code == 2 and "mixes labelled and unlabelled lines (line 6 differs" in result.output
