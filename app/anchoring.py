@@ -33,8 +33,8 @@ class AnchorWeights:
     verdict. The defaults are the measured ones (docs/reports/refit-r1/simulate.py).
     """
 
-    labelled: float = 8.0
-    pseudo: float = 1.0
+    labelled: float = 16.0
+    pseudo: float = 0.1
 
 
 def combined_accumulator(prior: FitStatistics, X: np.ndarray, kinds: Sequence[str], labels: Sequence[int],

@@ -151,7 +151,7 @@ class FitOptions:
     #: its τ and P(harmful) over; "replace" fits on the upload alone (unlabeled: the paper's SAFT score).
     mode: str = "combine"
     labelled_weight: float = 16.0
-    pseudo_weight: float = 0.25
+    pseudo_weight: float = 0.1
 
     def resolved(self, labelled: bool) -> FitOptions:
         """The options with "auto" choices made for labelled or unlabelled data."""

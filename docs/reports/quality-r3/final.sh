@@ -11,7 +11,7 @@ py=.venv/bin/python
 [ -f $C/emb-chat-mean-20.npz ] || $py docs/reports/quality-r3/to_embedding_file.py --cache $C/pool --template chat --pooling mean --layer 20 --out $C/emb-chat-mean-20.npz
 $py docs/reports/quality-r3/check_embedding_file.py --file $C/emb-chat-resp-16.npz | tee $R/quality-r3/check-embedding-file.json
 # The default: `saft fit <pool>` with the default options (every line's vector from the embedding file).
-.venv/bin/saft fit $F --name default --embeddings $C/emb-chat-resp-16.npz --report $R/fit-default-v3.html | tee $R/quality-r3/fit-default-v3.json
+.venv/bin/saft fit $F --name default --mode replace --embeddings $C/emb-chat-resp-16.npz --report $R/fit-default-v3.html | tee $R/quality-r3/fit-default-v3.json
 for by in source family; do
   .venv/bin/saft crossval $F --by $by --families docs/reports/quality-r3/families.json --embeddings $C/emb-chat-resp-16.npz \
     --json $R/crossval-default-v3-$by.json --report $R/crossval-default-v3-$by.html
