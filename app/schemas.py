@@ -19,6 +19,7 @@ from saft_filter_client.models import (
     ErrorBody,
     FilterError,
     FilterRecord,
+    FilterSummary,
     InfoLimits,
     InfoModel,
     InfoResponse,
@@ -45,16 +46,6 @@ __all__ = [
     "RefitAccepted", "ScoreRequest", "ScoreResponse", "ShareGPTTurn", "Side", "SideResult", "SubspaceInfo",
     "SubspaceRef", "VersionList",
 ]
-
-
-class FilterSummary(wire.FilterSummary):
-    """The last record of a /filter stream."""
-
-    # The resume fields of a stream requested with ?start_line (the summary carries them only then). They are the
-    # service's until the wire model (saft_filter_client.models) takes them over; its clients ignore them meanwhile.
-    start_line: int = Field(1, description="The request's start_line: the upload's lines before it were read and counted, not scored.")
-    skipped: int = Field(0, description="Lines before start_line, counted but neither scored nor emitted; total = kept + dropped "
-                                        "+ rejected + skipped, so total is the whole upload's, as in the uninterrupted stream.")
 
 
 class ItemIn(wire.ItemIn):

@@ -172,6 +172,10 @@ class FilterSummary(BaseModel):
     subspace: SubspaceRef
     complete: bool = Field(True, description="False when the upload was cut off (e.g. above the size limit).")
     shapes: dict[str, int] = Field(default_factory=dict, description="Rows read in each shape (as detected with format=auto).")
+    # Present only in a stream requested with ?start_line (a resumed one); a stream that does not resume omits them.
+    start_line: int = Field(1, description="The request's start_line: the upload's lines before it were read and counted, not scored.")
+    skipped: int = Field(0, description="Lines before start_line, counted but neither scored nor emitted; total = kept + dropped "
+                                        "+ rejected + skipped, so total is the whole upload's, as in the uninterrupted stream.")
 
 
 class ErrorBody(BaseModel):
