@@ -47,7 +47,7 @@ def combined_accumulator(prior: FitStatistics, X: np.ndarray, kinds: Sequence[st
         rows = np.flatnonzero(pseudo_mask == flag)
         if rows.size == 0 or weight <= 0:
             continue
-        acc.update(X[rows], [kinds[i] for i in rows], [int(labels[i]) for i in rows], [source] * rows.size)
+        acc.update(X[rows], [kinds[i] for i in rows.tolist()], [int(labels[i]) for i in rows.tolist()], [source] * rows.size)
         for label in (0, 1):
             acc.source_weights[(label, source)] = weight
     return acc
@@ -183,8 +183,8 @@ def decide_activation(activate: Activation, comparison: Mapping[str, Any] | None
     if comparison is None:
         if labelled:
             return True, []
-        return False, ["an unlabeled refit with another embedding than the active version's cannot be compared with "
-                       "it on the upload; activate it by hand after checking it, or pass activate=always"]
+        return False, [("an unlabeled refit with another embedding than the active version's cannot be compared with "
+                        "it on the upload; activate it by hand after checking it, or pass activate=always")]
     reasons = guard(comparison, bounds)
     return not reasons, reasons
 

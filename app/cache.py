@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -91,7 +92,8 @@ class EmbeddingCache:
             with self._lock:
                 for i, data in zip(missing, raw, strict=True):
                     if data is not None:
-                        entry = CachedEmbedding.from_bytes(data)
+                        # bytes: the client is built without decode_responses (app.fleet)
+                        entry = CachedEmbedding.from_bytes(cast(bytes, data))
                         found[i] = entry
                         self._local[keys[i]] = entry
                         redis_hits += 1

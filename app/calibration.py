@@ -33,7 +33,7 @@ class CalibrationError(ValueError):
     """A stored calibration this build cannot apply (unknown method, malformed numbers)."""
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def _sigmoid(z: np.ndarray | np.floating) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + e^-z), without overflow for large |z|
 
 

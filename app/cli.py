@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.anchoring import GuardBounds, decide_activation
-from app.artifacts import ArtifactError, active_version, check_compatible, load_version, save_version
+from app.anchoring import Activation, GuardBounds, decide_activation
+from app.artifacts import ArtifactError, Manifest, active_version, check_compatible, load_version, save_version
 from app.calibration import calibration_error, probability
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
 from app.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
-from app.items import SHAPES, ItemError, parse_columns
+from app.items import SHAPES, ItemError, Shape, parse_columns
 from app.lines import (
     ParquetRowWriter,
     RecordFileError,
@@ -57,7 +57,7 @@ from app.pipeline import (
 )
 from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
 from app.report import write_report
-from app.subspace import FitError
+from app.subspace import FitError, Subspace
 
 app = typer.Typer(add_completion=False, help="Safety-Aware Fine-Tuning filter: drop harmful samples before training.")
 err = Console(stderr=True)
@@ -91,7 +91,7 @@ def _load_embedder(model: str | None) -> Embedder:
     return Embedder.from_settings(get_settings(), model)
 
 
-def _load_scoring(name: str | None, version: str | None, model: str | None):  # type: ignore[no-untyped-def]
+def _load_scoring(name: str | None, version: str | None, model: str | None) -> tuple[Embedder, Subspace, Manifest]:
     settings = get_settings()
     subspace, manifest = load_version(settings.models_dir, name or settings.subspace_name, version)
     embedder = _load_embedder(model or manifest.model_id)
@@ -140,11 +140,11 @@ FormatOpt = Annotated[str, typer.Option("--format", help="auto (each row's shape
 ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="Key mapping, saft's name=yours: prompt=question,response=answer")]
 
 
-def _reading(shape: str, columns: str | None) -> tuple[str, dict[str, str] | None]:
+def _reading(shape: str, columns: str | None) -> tuple[Shape | Literal["auto"], dict[str, str] | None]:
     """``--format`` and ``--columns`` checked, as ``read_file`` takes them."""
     if shape != "auto" and shape not in SHAPES:
         raise ItemError("--format", f"must be auto or one of {', '.join(SHAPES)}, got {shape!r}")
-    return shape, parse_columns(columns) if columns else None
+    return cast("Shape | Literal['auto']", shape), parse_columns(columns) if columns else None  # checked just above
 
 
 def _shapes(lines: Iterator[Line], counts: dict[str, int]) -> Iterator[Line]:
@@ -159,17 +159,18 @@ def _fit_options(layers: str, pooling: str, template: str, max_length: int, trun
                  center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None,
                  cross_fit: str = _FIT.cross_fit) -> FitOptions:
     return FitOptions(
-        embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]
+        embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]  # CLI strings for Literal fields, unchecked until FitParams (issue 14 step 3)
         method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
         policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit,
     )
 
 
-def _read_files(paths: Sequence[Path], shape: str = "auto", columns: dict[str, str] | None = None) -> Iterator[Line]:
+def _read_files(paths: Sequence[Path], shape: Shape | Literal["auto"] = "auto", columns: dict[str, str] | None = None,
+                ) -> Iterator[Line]:
     """The rows of several files (any format ``read_file`` reads) as one stream; with more than one file, each error
     names its file."""
     for path in paths:
-        for line in read_file(path, shape, columns):  # type: ignore[arg-type]
+        for line in read_file(path, shape, columns):
             if len(paths) > 1 and line.error is not None:
                 line = Line(line.number, line.obj, line.item, line.label, f"{path.name}: {line.error}")
             yield line
@@ -249,7 +250,7 @@ def fit(
         _save_embeddings(stored, embeddings)
         refit = result.manifest.refit or {}
         activated, held = decide_activation(
-            activate, refit.get("comparison"), has_active=prior is not None,  # type: ignore[arg-type]
+            cast(Activation, activate), refit.get("comparison"), has_active=prior is not None,  # checked above
             labelled=result.labels is not None or bool(refit.get("upload", {}).get("labelled")), bounds=GuardBounds(**settings.guard_bounds()))
         if refit:
             refit["activation"] = {"requested": activate, "activated": activated, "held": held}
@@ -287,7 +288,7 @@ def embed(
 ) -> None:
     """Embed every valid line once into an embedding file, for later fit / crossval / eval runs (--embeddings)."""
     try:
-        config = EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side)  # type: ignore[arg-type]
+        config = EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side)  # type: ignore[arg-type]  # CLI strings for Literal fields, unchecked until FitParams (issue 14 step 3)
         embedder = _load_embedder(model)
         embed_fn, stored = _embed_fn(embedder, config, out)
         assert stored is not None
@@ -297,7 +298,7 @@ def embed(
                 valid = [item for line in chunk for item in line.items]  # a preference row: both sides
                 rejected += sum(line.item is None for line in chunk)
                 if valid:
-                    embed_fn(valid, stored.store.config)  # type: ignore[arg-type]
+                    embed_fn(valid, stored.store.config)
                 advance(len(chunk))
         stored.store.save(out)
     except USER_ERRORS as e:
@@ -353,18 +354,18 @@ def crossval_(
         with _progress("embedding", sum(_count_lines(p) for p in data)) as advance:
             reading = _reading(shape, columns)
             for path in data:
-                with closing(read_file(path, *reading)) as rows:  # type: ignore[arg-type]
+                with closing(read_file(path, *reading)) as rows:
                     for chunk in chunks(map(single_sample, rows), 256):
                         valid = [line for line in chunk if line.item is not None and line.label is not None]
                         rejected += [f"{path.name} line {line.number}: {line.error or 'label: missing (crossval needs label 0/1)'}"
                                      for line in chunk if line.item is None or line.label is None]
                         if valid:
-                            vectors.append(embed_fn([line.item for line in valid], config)[1])  # type: ignore[misc]
+                            vectors.append(embed_fn([line.item for line in valid], config)[1])
                         for line in valid:
                             obj = line.obj or {}
                             labels.append(line.label)
-                            item_kinds.append(line.item.kind)  # type: ignore[union-attr]
-                            kinds.append(str(obj.get("kind", line.item.kind)))  # type: ignore[union-attr]
+                            item_kinds.append(line.item.kind)
+                            kinds.append(str(obj.get("kind", line.item.kind)))
                             sources.append(str(obj.get("source", path.name)))
                             groups.append(str(obj.get("group", f"{path.name}:{line.number}")))
                         advance(len(chunk))
@@ -372,7 +373,7 @@ def crossval_(
         if not vectors:
             raise _fail("no line can be cross-validated")
         pool = EmbeddedPool(np.concatenate(vectors), np.asarray(labels), item_kinds, kinds, sources, groups)
-        result = crossval(pool, options, by=by, families=family_of)  # type: ignore[arg-type]
+        result = crossval(pool, options, by=by, families=family_of)  # type: ignore[arg-type]  # --by is a str; crossval checks it
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     scores, taus = result.pop("scores"), result.pop("thresholds")
@@ -387,7 +388,7 @@ def crossval_(
     write_report(report, title=f"saft crossval by {by}: {', '.join(p.name for p in data)}",
                  summary={k: result[k] for k in ("model", "embedding", "fit", "by", "n_folds", "n")} | {
                      k: result[k] for k in ("worst_benign_source", "worst_harmful_source") if k in result},
-                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=result["metrics"])  # type: ignore[arg-type]
+                 scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=result["metrics"])
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"held out by {by}: {result['n_folds']} folds, {result['n']} lines")
@@ -438,7 +439,7 @@ def score(
     out = _open_out(output)
     shapes: dict[str, int] = {}
     try:
-        lines = _shapes(read_file(input, *_reading(shape, columns)), shapes)  # type: ignore[arg-type]
+        lines = _shapes(read_file(input, *_reading(shape, columns)), shapes)
         if url:
             from saft_filter_client import SaftClient
 
@@ -506,7 +507,7 @@ def filter_(
                 options=RayOptions(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                                    batch_lines=batch_lines, address=ray_address,
                                    **({} if read_rows is None else {"read_rows": read_rows})),
-                shape=reading[0], columns=reading[1],  # type: ignore[arg-type]
+                shape=reading[0], columns=reading[1],
             )
         else:
             result = _filter_local(input, *_load_scoring(name, version, None), kept or Path("kept.jsonl"), dropped or Path("dropped.jsonl"),
@@ -568,7 +569,8 @@ class _Output:
 
 
 def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any, kept: Path, dropped: Path, rejected: Path,
-                  scores: Path | None, threshold: float | None, reading: tuple[str, dict[str, str] | None]) -> dict[str, Any]:
+                  scores: Path | None, threshold: float | None, reading: tuple[Shape | Literal["auto"], dict[str, str] | None],
+                  ) -> dict[str, Any]:
     counts = {"total": 0, "kept": 0, "dropped": 0, "rejected": 0}
     shapes: dict[str, int] = {}
     schema, sides = None, False
@@ -582,9 +584,12 @@ def _filter_local(input: Path, embedder: Embedder, subspace: Any, manifest: Any,
     with ExitStack() as closing_all:  # every output is closed (a Parquet one discarded unless the run completed)
         for bucket, path in paths.items():
             out[bucket] = _Output(path, bucket, schema, sides)
-            closing_all.callback(lambda output=out[bucket]: output.close(complete))
+
+            def close(output: _Output = out[bucket]) -> None:
+                output.close(complete)  # read when the stack unwinds: True only once the run completed
+            closing_all.callback(close)
         with _progress("filtering", _count_lines(input)) as advance:
-            lines = _shapes(read_file(input, *reading), shapes)  # type: ignore[arg-type]
+            lines = _shapes(read_file(input, *reading), shapes)
             for line, scored in score_lines(subspace, manifest, lines, _direct(embedder), threshold=threshold, progress=advance):
                 bucket, record = filter_record(line, scored)
                 counts["total"] += 1
@@ -622,7 +627,7 @@ def eval_(
     scores, taus, labels, kinds, sources, rejected = [], [], [], [], [], []
     probs: list[float | None] = []
     with _progress("evaluating", total) as advance:
-        lines = _shapes(read_file(input, *reading), shapes)  # type: ignore[arg-type]
+        lines = _shapes(read_file(input, *reading), shapes)
         for line, scored in score_lines(subspace, manifest, lines, _direct(embedder), threshold=threshold, progress=advance):
             if scored is None or line.label is None:
                 rejected.append(f"line {line.number}: {line.error or 'label: missing (eval needs label 0/1)'}")
@@ -631,7 +636,8 @@ def eval_(
             taus.append(scored.threshold)
             probs.append(scored.probability)
             labels.append(line.label)
-            kinds.append(str((line.obj or {}).get("kind", line.item.kind)))  # type: ignore[union-attr]
+            assert line.item is not None  # score_lines scores the lines that have an item, and only those
+            kinds.append(str((line.obj or {}).get("kind", line.item.kind)))
             sources.append(str((line.obj or {}).get("source", "unknown")))
     if rejected:
         err.print(f"[yellow]{len(rejected)} line(s) rejected (not evaluated):[/] " + "; ".join(rejected[:10]))
@@ -645,12 +651,14 @@ def eval_(
         raise _fail(str(e)) from None
     result = {"subspace": manifest.name, "version": manifest.version, "threshold": tau, "thresholds": by_kind, "data": input.name,
               "shapes": shapes, "rejected": {"count": len(rejected), "lines": rejected[:100]}, "metrics": metrics}
-    if manifest.probability is not None:  # how well the version's probabilities hold on this data
-        result["probability"] = {"ece": calibration_error(probs, labels, kinds)}  # type: ignore[arg-type]
+    # A version with a probability gives every scored line one.
+    probabilities = None if manifest.probability is None else cast("list[float]", probs)
+    if probabilities is not None:  # how well the version's probabilities hold on this data
+        result["probability"] = {"ece": calibration_error(probabilities, labels, kinds)}
     report = report or Path("reports") / f"eval-{manifest.name}-{manifest.version}.html"
     write_report(report, title=f"saft eval: {manifest.name}/{manifest.version} on {input.name}", summary=_summary(manifest),
                  scores=scores, labels=labels, kinds=kinds, threshold=taus, metrics=metrics,
-                 probabilities=None if manifest.probability is None else probs)  # type: ignore[arg-type]
+                 probabilities=probabilities)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"{manifest.name}/{manifest.version} on {input.name} (τ " + ", ".join(f"{k} {v:.4g}" for k, v in by_kind.items()) + ")")
@@ -691,14 +699,14 @@ def sweep(
     layer_sets = [_ints(part) for part in layers.split(";") if part.strip()]
     all_layers = sorted({layer for ls in layer_sets for layer in ls})
     poolings = _words(pooling)
-    base = EmbeddingConfig((all_layers[0],), poolings[0], template, max_length, truncation_side)  # type: ignore[arg-type]
+    base = EmbeddingConfig((all_layers[0],), poolings[0], template, max_length, truncation_side)  # type: ignore[arg-type]  # CLI strings for Literal fields, unchecked until FitParams (issue 14 step 3)
     try:
         embedder = _load_embedder(model)
 
-        def load(path: Path):  # type: ignore[no-untyped-def]
+        def load(path: Path):
             total = min(_count_lines(path), limit or 1 << 62)
             with closing(read_file(path)) as rows, _progress(f"embedding {path.name}", total) as advance:
-                return embed_set(embedder, islice(map(single_sample, rows), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]
+                return embed_set(embedder, islice(map(single_sample, rows), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]  # --pooling words for Literal poolings, unchecked (FitParams, step 3)
                                  max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
 
         train = load(calibration)

@@ -55,5 +55,6 @@ def _record(line: Line, results: list[Scored]) -> dict[str, Any]:
     refused = [r for r in results if isinstance(r, ItemRefused)]
     if refused:
         return line_record(replace(line, error="; ".join(_ITEM_PREFIX.sub("item", r.error) for r in refused)), None)
-    scored = [LineScored(r.score, r.verdict, r.truncated, r.n_tokens, r.threshold, r.probability) for r in results]  # type: ignore[union-attr]
+    scored = [LineScored(r.score, r.verdict, r.truncated, r.n_tokens, r.threshold, r.probability)
+              for r in results if not isinstance(r, ItemRefused)]  # none is: refused lines returned above
     return line_record(line, merge_sides([line], scored)[0])

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
+from redis.typing import EncodableT
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class Fleet:
         """Publish a refit's version atomically, fenced by the lease."""
         keys = [self._keys["lock"], self._keys["fence"], self._file_key(version, MANIFEST), self._file_key(version, TENSORS),
                 self._keys["versions"], self._keys["active"]]
-        args = [lease.value, lease.token, files[MANIFEST], files[TENSORS], _number(version), version, int(activate),
+        args: list[EncodableT] = [lease.value, lease.token, files[MANIFEST], files[TENSORS], _number(version), version, int(activate),
                 self.channel, self._event(version, "publish")]
         try:
             await self._call("publish", lambda: self._publish(keys=keys, args=args))

@@ -145,7 +145,7 @@ def open_records(path: Path | str) -> Iterator[Record]:
 def _open_binary(path: Path, compression: Compression) -> Iterator[BinaryIO]:
     if compression == "gzip":
         with gzip.open(path, "rb") as fh:
-            yield fh  # type: ignore[misc]
+            yield fh  # type: ignore[misc]  # a GzipFile is a binary file, not a typing.BinaryIO subclass
     elif compression == "zstd":
         import zstandard
 

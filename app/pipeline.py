@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -17,7 +17,15 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import orjson
 
-from app.anchoring import AnchorWeights, carry_probability, carry_thresholds, check_prior, combined_accumulator, compare, pseudo_labels
+from app.anchoring import (
+    AnchorWeights,
+    carry_probability,
+    carry_thresholds,
+    check_prior,
+    combined_accumulator,
+    compare,
+    pseudo_labels,
+)
 from app.artifacts import Manifest
 from app.calibration import fit_calibration, probability
 from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
@@ -75,7 +83,7 @@ def parse_line(number: int, raw: bytes | str | dict[str, Any], shape: Shape | Li
 
 
 def read_records(records: Iterable[Record], shape: Shape | Literal["auto"] = "auto",
-                 columns: Mapping[str, str] | None = None) -> Iterator[Line]:
+                 columns: Mapping[str, str] | None = None) -> Generator[Line, None, None]:
     """The one line reader: every ``app.lines`` record as a ``Line``, numbered as its file numbers it."""
     for number, payload, error in records:
         yield Line(number, None, None, None, error) if payload is None else parse_line(number, payload, shape, columns)
@@ -87,7 +95,8 @@ def read_lines(stream: Iterable[bytes | str], shape: Shape | Literal["auto"] = "
     return read_records(jsonl_records(stream), shape, columns)
 
 
-def read_file(path: Path | str, shape: Shape | Literal["auto"] = "auto", columns: Mapping[str, str] | None = None) -> Iterator[Line]:
+def read_file(path: Path | str, shape: Shape | Literal["auto"] = "auto",
+              columns: Mapping[str, str] | None = None) -> Generator[Line, None, None]:
     """Every row of a file in any format ``app.lines`` reads (.jsonl[.gz|.zst], .json, .parquet), as ``Line``s.
     A file that cannot be read at all raises ``RecordFileError`` (a ``ValueError``) when iteration reaches it."""
     return read_records(open_records(path), shape, columns)
@@ -175,7 +184,7 @@ class EmbeddingSpool:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.rows = 0
-        self._file: BinaryIO = tempfile.TemporaryFile(prefix="saft-embeddings-")
+        self._file: BinaryIO = tempfile.TemporaryFile(prefix="saft-embeddings-")  # noqa: SIM115 (the spool owns it: close())
 
     def append(self, X: np.ndarray) -> None:
         self._file.write(np.ascontiguousarray(X, dtype=np.float32).tobytes())
@@ -277,10 +286,10 @@ def fit_lines(
     try:
         embed = embed or direct_embed(embedder)
         for chunk in chunks(valid(lines), 256):
-            encoded, vectors = embed([line.item for line in chunk], config)  # type: ignore[misc]
+            encoded, vectors = embed([line.item for line in chunk], config)
             if progress is not None:
                 progress(len(chunk))
-            kinds = [line.item.kind for line in chunk]  # type: ignore[union-attr]
+            kinds = [line.item.kind for line in chunk]
             chunk_labels = [line.label for line in chunk]
             # One cell of d² sums per source only where the fit weighs sources; otherwise one per kind/label.
             by_source = options.balance == "source" or options.nuisance > 0
@@ -300,11 +309,11 @@ def fit_lines(
         options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
             k=options.k,
-            method=options.method,  # type: ignore[arg-type]
-            center=options.center,  # type: ignore[arg-type]
+            method=options.method,  # type: ignore[arg-type]  # FitOptions fields are str until FitParams (issue 14 step 3)
+            center=options.center,  # type: ignore[arg-type]  # as above
             standardize=options.standardize,
             shrinkage=options.shrinkage,
-            balance=options.balance,  # type: ignore[arg-type]
+            balance=options.balance,  # type: ignore[arg-type]  # as above
             nuisance=options.nuisance,
         ).fit_moments(acc)
         kinds_iter = iter(chunks(meta["item_kind"], 4096))
@@ -325,6 +334,7 @@ def fit_lines(
 
     # τ and P(harmful) per kind: on source-held-out scores where the fit cross-fits, else on its own.
     basis = scores if held_out is None else held_out["scores"]
+    assert options.policy is not None  # resolved() above chose one
     try:
         threshold, thresholds = choose_thresholds(basis, y, meta["item_kind"], options.policy)
     except ThresholdError as err:
@@ -400,7 +410,7 @@ def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: 
     used = np.where(pseudo, pseudo_labels(old_scores, old_taus), given)
     weights = AnchorWeights(labelled=options.labelled_weight, pseudo=options.pseudo_weight)
     params = old.get_params()
-    subspace = Subspace(**params).fit_moments(combined_accumulator(stats, X, kinds, used.tolist(), pseudo.tolist(), weights))  # type: ignore[arg-type]
+    subspace = Subspace(**params).fit_moments(combined_accumulator(stats, X, kinds, used.tolist(), pseudo.tolist(), weights))
     scores = subspace.score_samples(X, kinds)
     known = ~pseudo
     y_known = given[known]
@@ -462,7 +472,7 @@ def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[
         log.warning("cross-fitting skipped: %s", err)
         return None
     keep = ("n", "n_harmful", "auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "fpr_at_threshold", "recall")
-    summary = {"by": "source", "n_folds": result["n_folds"],
+    summary: dict[str, Any] = {"by": "source", "n_folds": result["n_folds"],
                "by_kind": {k: {c: m[c] for c in keep if c in m} for k, m in result["metrics"]["by_kind"].items()},
                **{k: result[k] for k in ("worst_benign_source", "worst_harmful_source") if k in result}}
     return {"scores": result["scores"], "summary": summary}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -45,7 +45,7 @@ class ThresholdPolicy:
         """'max_f1', 'fpr:0.05', 'recall:0.9', 'drop_rate:0.1'."""
         kind, _, value = text.partition(":")
         try:
-            return cls(kind.strip(), float(value) if value else None)  # type: ignore[arg-type]
+            return cls(cast(PolicyKind, kind.strip()), float(value) if value else None)  # kind: checked by __post_init__
         except ValueError as err:
             raise ThresholdError(f"cannot parse threshold policy {text!r}: {err}") from None
 
@@ -56,18 +56,21 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray | None, policy: Thre
     if scores.size == 0:
         raise ThresholdError("no calibration scores to choose a threshold from")
     if policy.kind == "drop_rate":
-        return float(np.quantile(scores, 1.0 - float(policy.value)))  # type: ignore[arg-type]
+        assert policy.value is not None  # __post_init__: every kind but max_f1 has a value
+        return float(np.quantile(scores, 1.0 - float(policy.value)))
     if labels is None or len(set(np.asarray(labels).tolist())) < 2:
         raise ThresholdError(f"threshold policy {policy.kind!r} needs labels of both classes; use drop_rate:Q without labels")
     labels = np.asarray(labels, dtype=int)
     if policy.kind == "fpr":
         negatives = np.sort(scores[labels == 0])
         # Largest allowed count of negatives above τ, then τ at that order statistic.
-        allowed = int(np.floor(policy.value * negatives.size))  # type: ignore[operator]
+        assert policy.value is not None
+        allowed = int(np.floor(policy.value * negatives.size))
         return float(negatives[negatives.size - allowed - 1])
     if policy.kind == "recall":
         positives = np.sort(scores[labels == 1])
-        needed = int(np.ceil(policy.value * positives.size))  # type: ignore[operator]
+        assert policy.value is not None
+        needed = int(np.ceil(policy.value * positives.size))
         # Just below the needed-th highest positive so that it is dropped (score > τ).
         return float(np.nextafter(positives[positives.size - needed], -np.inf))
     order = np.argsort(-scores, kind="stable")
@@ -90,7 +93,7 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
 Thresholds = float | Sequence[float] | np.ndarray  # one τ, or each item's own (its kind's)
 
 
-def quality(labels: Sequence[int], scores: Sequence[float], threshold: Thresholds) -> dict[str, Any]:
+def quality(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: Thresholds) -> dict[str, Any]:
     """Ranking and verdict quality of ``scores`` against 0/1 ``labels``; NaN-free, JSON-ready."""
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=np.float64)
@@ -118,7 +121,8 @@ def quality(labels: Sequence[int], scores: Sequence[float], threshold: Threshold
 
 
 def grouped_quality(
-    labels: Sequence[int], scores: Sequence[float], threshold: Thresholds, groups: dict[str, Sequence[str]]
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: Thresholds,
+    groups: dict[str, Sequence[str]],
 ) -> dict[str, Any]:
     """``quality`` overall and per value of each grouping (e.g. ``{"kind": [...], "source": [...]}``)."""
     y = np.asarray(labels, dtype=int)

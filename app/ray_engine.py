@@ -197,7 +197,7 @@ class LineScorer:
                                                 ("record", pa.binary()), ("scores", pa.binary())]))
 
 
-def _sink(outputs: dict[str, Path | None]):  # type: ignore[no-untyped-def]
+def _sink(outputs: dict[str, Path | None]) -> Any:
     """A Ray ``Datasink`` (built here so ``ray`` is imported only when the engine runs)."""
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
@@ -213,7 +213,7 @@ def _sink(outputs: dict[str, Path | None]):  # type: ignore[no-untyped-def]
         def supports_distributed_writes(self) -> bool:
             return False  # the output paths are on the driver's machine
 
-        def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, dict[str, int]]]:
+        def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
             files: dict[str, Any] = {}
             counts: dict[str, Counter[str]] = {}
             shapes: Counter[str] = Counter()
@@ -226,10 +226,11 @@ def _sink(outputs: dict[str, Path | None]):  # type: ignore[no-untyped-def]
                         if shape is not None:
                             shapes[shape] += 1
                         for name, data in ((bucket, record), ("scores", scores)):
-                            if outputs.get(name) is None:
+                            target = outputs.get(name)
+                            if target is None:
                                 continue
                             if name not in files:
-                                files[name] = (outputs[name] / f"part-{ctx.task_idx:05d}.jsonl").open("wb")  # type: ignore[operator]
+                                files[name] = (target / f"part-{ctx.task_idx:05d}.jsonl").open("wb")
                             files[name].write(data + b"\n")
             finally:
                 for fh in files.values():
@@ -254,7 +255,7 @@ def _read_shards(shards: list[Path], reading: Reading, read_rows: int) -> Any:
     if not tasks:
         return ray.data.from_items([])  # nothing to read: every shard is empty
     return (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-            .map_batches(read_lines, fn_args=(reading,), batch_size=1, batch_format="pyarrow"))
+            .map_batches(read_lines, fn_args=(reading,), batch_size=1, batch_format="pyarrow"))  # type: ignore[arg-type]  # fn_args: ray types fn as batch-only
 
 
 def run_filter(

@@ -18,11 +18,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-from app.calibration import expected_calibration_error, reliability_curve  # noqa: E402
+from app.calibration import expected_calibration_error, reliability_curve
 
 _METRIC_COLUMNS = ("n", "n_harmful", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "fpr_at_threshold", "drop_rate")
 
@@ -116,32 +116,32 @@ def write_report(
     *,
     title: str,
     summary: dict[str, Any],
-    scores: Sequence[float],
-    labels: Sequence[int] | None,
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray | None,
     kinds: Sequence[str],
-    threshold: float | Sequence[float],
+    threshold: float | Sequence[float] | np.ndarray,
     metrics: dict[str, Any] | None,
-    probabilities: Sequence[float] | None = None,
+    probabilities: Sequence[float] | np.ndarray | None = None,
 ) -> Path:
     """Write the HTML report atomically and return its path; ``threshold`` is one τ or each item's own.
 
     With ``probabilities`` (each item's calibrated P(harmful)) and labels, a calibration section too.
     """
     s = np.asarray(scores, dtype=np.float64)
-    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)
+    taus = np.broadcast_to(np.asarray(threshold, dtype=np.float64), s.shape)
     y = None if labels is None else np.asarray(labels, dtype=int)
     k = np.asarray(kinds)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<table>" + "".join(f"<tr><th>{html.escape(str(a))}</th><td>{html.escape(str(b))}</td></tr>" for a, b in summary.items()) + "</table>",
         "<h2>Scores</h2>",
-        f'<img alt="score histograms" src="data:image/png;base64,{_histograms(s, y, k, threshold)}">',
+        f'<img alt="score histograms" src="data:image/png;base64,{_histograms(s, y, k, taus)}">',
     ]
     if y is not None and metrics:
         parts += [
             "<h2>Quality</h2>",
             _table(metrics),
-            f'<img alt="ROC and PR curves" src="data:image/png;base64,{_curves(s, y, k, threshold)}">',
+            f'<img alt="ROC and PR curves" src="data:image/png;base64,{_curves(s, y, k, taus)}">',
         ]
     if y is not None and probabilities is not None:
         ece_table, plot = _reliability(np.asarray(probabilities, dtype=np.float64), y, k)

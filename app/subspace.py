@@ -16,13 +16,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
 
 Method = Literal["saft", "lda"]
 Centering = Literal["global", "kind"]
 Balance = Literal["item", "source"]
+
+
+class SubspaceParams(TypedDict):
+    """``Subspace.get_params()``: the constructor's keyword arguments."""
+
+    k: int
+    method: Method
+    center: Centering
+    standardize: bool
+    shrinkage: float
+    balance: Balance
+    nuisance: int
 _MIN_SCALE = 1e-6
 
 
@@ -253,6 +265,9 @@ class Subspace:
             (format, topic, provenance) that are projected out before the discriminant; 0 keeps all.
     """
 
+    # Set by fit_moments, or on load (None for a version saved without them); unset before a fit.
+    statistics_: FitStatistics | None
+
     def __init__(
         self,
         k: int = 1,
@@ -271,7 +286,7 @@ class Subspace:
         self.balance = balance
         self.nuisance = nuisance
 
-    def get_params(self) -> dict[str, object]:
+    def get_params(self) -> SubspaceParams:
         """The constructor's parameters (as scikit-learn's ``get_params``): what a manifest stores."""
         return {"k": self.k, "method": self.method, "center": self.center, "standardize": self.standardize,
                 "shrinkage": self.shrinkage, "balance": self.balance, "nuisance": self.nuisance}
@@ -338,12 +353,12 @@ class Subspace:
         scale = np.maximum(np.sqrt(variances), _MIN_SCALE) if self.standardize else np.ones(d)
         inv = 1.0 / scale
         # The nuisance directions need each benign source's mean about its kind's center (vectors only).
-        benign_means = {}
+        benign_means: dict[str, np.ndarray] = {}
         if self.method == "lda" and self.nuisance:
             for source in sorted({key[2] for key in acc.groups if key[1] == 0}):
                 parts = [(weight[key] * m.n, weight[key] * (m.s - m.n * centers[key[0]]))
                          for key, m in acc.groups.items() if key[1] == 0 and key[2] == source]
-                benign_means[source] = sum(p[1] for p in parts) / sum(p[0] for p in parts)
+                benign_means[source] = np.asarray(sum(p[1] for p in parts) / sum(p[0] for p in parts))
 
         if self.method == "saft":
             n_centers = len(centers) if self.center == "kind" else 1

@@ -66,7 +66,7 @@ def embed_set(
         for line in chunk:
             if line.item is None or line.label is None:
                 raise FitError(f"line {line.number}: {line.error or 'label: missing (a sweep needs labels 0/1)'}")
-        encoded = embedder.encode_items([line.item for line in chunk], base)  # type: ignore[misc]
+        encoded = embedder.encode_items([line.item for line in chunk], base)
         out = {p: np.empty((len(chunk), len(absolute), embedder.hidden_size), np.float32) for p in poolings}
         for idx in plan_batches([len(e.input_ids) for e in encoded], max_batch_tokens, max_batch_size):
             pooled = embedder.forward_multi([encoded[i] for i in idx], absolute, poolings)
@@ -76,9 +76,9 @@ def embed_set(
             parts[p].append(out[p])
         for line in chunk:
             obj = line.obj or {}
-            labels.append(int(line.label))  # type: ignore[arg-type]
-            item_kinds.append(line.item.kind)  # type: ignore[union-attr]
-            kinds.append(str(obj.get("kind", line.item.kind)))  # type: ignore[union-attr]
+            labels.append(int(line.label))
+            item_kinds.append(line.item.kind)
+            kinds.append(str(obj.get("kind", line.item.kind)))
             groups.append(str(obj.get("group", obj.get("id", line.number))))
         if progress is not None:
             progress(len(chunk))
@@ -111,7 +111,7 @@ def run_sweep(
         variants = [(k, 0.0) for k in ks] if method == "saft" else [(1, s) for s in shrinkages]
         for k, shrinkage in variants:
             try:
-                sub = Subspace(k=k, method=method, center=center, shrinkage=shrinkage).fit(  # type: ignore[arg-type]
+                sub = Subspace(k=k, method=method, center=center, shrinkage=shrinkage).fit(  # type: ignore[arg-type]  # CLI words for Literal fields, unchecked (FitParams, step 3)
                     Xtr, train.item_kinds, train.labels.tolist() if method == "lda" else None
                 )
             except FitError as err:

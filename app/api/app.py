@@ -197,5 +197,5 @@ def create_app(settings: Settings | None = None, service: ScoringService | None 
     app.include_router(health.router)
     app.include_router(info.router)
     app.include_router(moderations.router)
-    app.add_middleware(RequestContext, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(RequestContext, settings=settings)
     return app

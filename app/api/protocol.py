@@ -25,7 +25,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     head_timeout_s: float = 30.0
     _head_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn passes an asyncio.Transport (typed BaseTransport)
         super().connection_made(transport)
         self._arm_head_timer()
 

@@ -80,16 +80,16 @@ async def refit(
     truncation_side: Literal["left", "right"] = DEFAULT_FIT_EMBEDDING.truncation_side,
     method: Literal["auto", "saft", "lda"] = Query("auto", description="auto: lda when the upload is labelled, else saft"),
     k: int = Query(_FIT.k, ge=1, le=4096),
-    center: Literal["global", "kind"] = _FIT.center,  # type: ignore[assignment]
+    center: Literal["global", "kind"] = _FIT.center,  # type: ignore[assignment]  # FitOptions.center is a str until FitParams (step 3)
     standardize: bool = _FIT.standardize,
     shrinkage: float = Query(_FIT.shrinkage, ge=0.0, le=1.0),
-    balance: Literal["item", "source"] = Query(_FIT.balance, description="item: every line weighs the same; source: every "  # type: ignore[assignment]
+    balance: Literal["item", "source"] = Query(_FIT.balance, description="item: every line weighs the same; source: every "
                                                "'source' field value weighs the same within its label"),
     nuisance: int = Query(_FIT.nuisance, ge=0, le=64, description="lda: directions of between-benign-source spread projected out"),
-    cross_fit: Literal["none", "source"] = Query(_FIT.cross_fit, description="source: τ and P(harmful) from source-held-out "  # type: ignore[assignment]
+    cross_fit: Literal["none", "source"] = Query(_FIT.cross_fit, description="source: τ and P(harmful) from source-held-out "
                                                  "scores (labelled uploads with 2+ 'source' values)"),
     policy: str | None = Query(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, drop_rate:0.1 not)"),
-    mode: Literal["combine", "replace"] = Query(_FIT.mode, description="combine: add the upload to the active version's "  # type: ignore[assignment]
+    mode: Literal["combine", "replace"] = Query(_FIT.mode, description="combine: add the upload to the active version's "
                                                "stored calibration (unlabeled lines labelled by its verdicts; τ carried over); "
                                                "replace: fit on the upload alone (unlabeled: the paper's SAFT score)"),
     labelled_weight: float = Query(_FIT.labelled_weight, gt=0, le=1000, description="combine: how many calibration sources "
@@ -124,7 +124,7 @@ async def refit(
     except BaseException:
         os.unlink(path)
         raise
-    activation: Activation = {"true": "always", "false": "never"}.get(activate, activate)  # type: ignore[assignment]
+    activation: Activation = {"true": "always", "false": "never"}.get(activate, activate)  # type: ignore[assignment]  # the dict maps true/false away
     job = await service.start_refit(Path(path), options, activation, strict)
     return RefitAccepted(job_id=job["job_id"], status=job["status"])
 

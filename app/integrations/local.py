@@ -12,7 +12,7 @@ their modules).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from app.artifacts import check_compatible, load_version
 from app.config import Settings, get_settings
@@ -32,7 +32,7 @@ def check_shape(shape: str) -> Reading:
     """``shape`` when ``app.items`` reads it ("auto" or one of ``SHAPES``), said at construction rather than on every row."""
     if shape != "auto" and shape not in SHAPES:
         raise ItemError("shape", f"must be 'auto' or one of {', '.join(SHAPES)}, got {shape!r}")
-    return shape  # type: ignore[return-value]
+    return cast(Reading, shape)  # checked just above
 
 
 #: Embedders already loaded in this process, by what ``Embedder.from_settings`` loads: every scorer of a process (each

@@ -166,7 +166,7 @@ def oversized_row(number: int, line: bytes, max_bytes: int) -> FilterError | Non
     return None
 
 
-def filter_record(raw: bytes, offset: int) -> FilterRecord | FilterError | FilterSummary:
+def filter_record(raw: str | bytes, offset: int) -> FilterRecord | FilterError | FilterSummary:
     """One record of a /filter stream, its line number counted from the start of the whole run."""
     obj = json.loads(raw)
     if obj.get("summary") is True:

@@ -89,7 +89,7 @@ class _Config:
     @staticmethod
     def moderation_body(input: str | list[Any], model: str | None) -> bytes:
         # The shared model checks the input's shape here, in OpenAI's terms, before anything is sent.
-        request = ModerationRequest.model_validate({"input": input, "model": model})
+        request: ModerationRequest[Any] = ModerationRequest.model_validate({"input": input, "model": model})
         return request.model_dump_json(by_alias=True, exclude_unset=True).encode()
 
     @staticmethod
