@@ -370,11 +370,11 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
         raise ArtifactError(f"subspace {name}/{version}: {TENSORS} lacks {sorted(missing)}")
     subspace = Subspace(
         k=manifest.k,
-        method=manifest.method,  # type: ignore[arg-type]
-        center=manifest.center,  # type: ignore[arg-type]
+        method=manifest.method,  # type: ignore[arg-type]  # manifest fields are str until FitParams (step 3)
+        center=manifest.center,  # type: ignore[arg-type]  # as above
         standardize=manifest.standardize,
         shrinkage=manifest.shrinkage,
-        balance=manifest.balance,  # type: ignore[arg-type]
+        balance=manifest.balance,  # type: ignore[arg-type]  # as above
         nuisance=manifest.nuisance,
     )
     subspace.components_ = tensors["components"]

@@ -402,7 +402,8 @@ class MicroBatcher(Generic[P, R]):
                 break
             if right is None or (left is not None and anchor.cost - left.cost <= right.cost - anchor.cost):
                 lo -= 1
-                real += left.cost  # type: ignore[union-attr]
+                assert left is not None  # right is None here only when left is not: both None broke out above
+                real += left.cost
             else:
                 hi += 1
                 real += right.cost

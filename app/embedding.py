@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.items import Item, Template, content_span, make_formatter
 
@@ -117,7 +117,7 @@ def convert_embedded_decoder(cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A dequantized model still carries the GGUF quantizer, which save_pretrained refuses.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers 5: typed by nn.Module.__getattr__
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
@@ -178,7 +178,7 @@ class Embedder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         model_id: str,
         weights_digest: str,
@@ -242,7 +242,7 @@ class Embedder:
         render = None
         if self._has_chat_template:
 
-            def render(messages, add_generation_prompt):  # type: ignore[no-untyped-def]
+            def render(messages, add_generation_prompt):
                 return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
         return make_formatter(template, render)
@@ -279,7 +279,7 @@ class Embedder:
                 if hi - lo >= cut:  # judge: drop content tokens, keep the instruction and the read-out
                     a = lo if config.truncation_side == "left" else hi - cut
                     ids = ids[:a] + ids[a + cut:]
-                    start = start - cut if start >= a + cut else (a if start >= a else start)
+                    start = start - cut if start >= a + cut else min(a, start)
                 elif config.truncation_side == "left":
                     ids, start = ids[cut:], max(start - cut, 0)
                 else:
@@ -371,7 +371,7 @@ class Embedder:
         absolute = self.normalize_layers(layers)
         captured, mask = self.hidden_states(batch, absolute)
         starts = torch.tensor([e.response_start for e in batch], device=mask.device)
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for pooling in poolings:
             vectors = torch.stack([pool(captured[i].float(), mask, pooling, starts) for i in absolute], dim=1).cpu().numpy()
             bad = ~np.isfinite(vectors).reshape(len(batch), -1).all(axis=1)

@@ -68,7 +68,7 @@ class JobStore:
         self._lock = threading.Lock()
 
     def create(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        job = {"job_id": uuid.uuid4().hex, "name": name, "status": "queued", "progress": {"lines": 0},
+        job: dict[str, Any] = {"job_id": uuid.uuid4().hex, "name": name, "status": "queued", "progress": {"lines": 0},
                "options": options, "version": None, "activated": False, "quality": None, "rejected": None, "error": None,
                "created_at": time.time(), "finished_at": None}
         with self._lock:
@@ -111,7 +111,7 @@ class ScoringService:
         self._inflight: dict[str, asyncio.Future[CachedEmbedding | None]] = {}  # cache key → its embedding in progress
         self._adopt_lock = asyncio.Lock()
         self._fleet_task: asyncio.Task[None] | None = None
-        self.batcher: MicroBatcher[Encoded, np.ndarray] = MicroBatcher(
+        self.batcher: MicroBatcher[tuple[Encoded, EmbeddingConfig], np.ndarray] = MicroBatcher(
             self._forward,
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size,
@@ -434,7 +434,7 @@ class ScoringService:
                 backoff = min(backoff * 2, 2.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the follower must outlive any one bad event
+            except Exception:  # the follower must outlive any one bad event (logged: not a blind except)
                 log.exception("fleet sync failed; retrying")
                 self._set_fleet_online(False)
                 await asyncio.sleep(1.0)
@@ -487,7 +487,9 @@ class ScoringService:
                 except FleetUnavailable as err:
                     raise RegistryUnavailable(str(err)) from None
                 self.jobs.update(job["job_id"], replica=self.settings.replica_id, lease=lease.value)
-                job = self.jobs.get(job["job_id"])  # type: ignore[assignment]
+                updated = self.jobs.get(job["job_id"])
+                assert updated is not None  # created above; only the except below deletes it
+                job = updated
                 await self._push_job(job["job_id"])
         except BaseException:
             self.jobs.delete(job["job_id"])  # never started: no job to report
@@ -595,14 +597,16 @@ class ScoringService:
                 if activate:
                     self._on_loop(self._adopt(saved.version))
             if activate and lease is None:
-                self._record_version(self.registry.current)  # type: ignore[arg-type]
+                current = self.registry.current
+                assert current is not None  # publish(activate=True) above made the new version current
+                self._record_version(current)
                 self.ready = True
             self._update_job(job_id, status="succeeded", version=saved.version, activated=activate, held=held or None,
                              refit=saved.refit, quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
                              finished_at=time.time())
             metrics.REFITS.labels("succeeded").inc()
             log.info("refit %s published %s/%s (active=%s)", job_id, saved.name, saved.version, activate)
-        except Exception as err:  # noqa: BLE001 - a failed job is reported, not raised into a dead thread
+        except Exception as err:  # a failed job is reported (and logged), not raised into a dead thread
             log.exception("refit %s failed", job_id)
             self._update_job(job_id, status="failed", error=str(err), finished_at=time.time())
             metrics.REFITS.labels("failed").inc()

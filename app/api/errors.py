@@ -79,7 +79,7 @@ def error_response(exc: BaseException) -> ORJSONResponse:
     status, kind = status_of(exc)
     headers = {}
     if isinstance(exc, QueueFull):
-        headers["Retry-After"] = str(max(1, int(round(exc.retry_after_s))))
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     message = str(exc) if status != 500 else "internal error"
@@ -125,4 +125,4 @@ def install(app: FastAPI) -> None:
         return error_response(exc)
 
     for exc_type in known:
-        app.add_exception_handler(exc_type, _any)  # type: ignore[arg-type]
+        app.add_exception_handler(exc_type, _any)  # type: ignore[arg-type]  # TABLE's types are all Exceptions

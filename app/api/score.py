@@ -40,7 +40,7 @@ class UploadSpool:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.file = tempfile.TemporaryFile(prefix="saft-upload-")
+        self.file = tempfile.TemporaryFile(prefix="saft-upload-")  # noqa: SIM115 (the spool owns it; its owner closes it)
         self.written = 0
         self.done = False
         self.error: Exception | None = None
@@ -208,7 +208,7 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
     results = merge_sides(samples, await service.score(items, snapshot, body.threshold))
     return ScoreResponse(
         results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, threshold=r.threshold, truncated=r.truncated,
-                            n_tokens=r.n_tokens, probability=r.probability, sides=side_records(r) or None)  # type: ignore[arg-type]
+                            n_tokens=r.n_tokens, probability=r.probability, sides=side_records(r) or None)
                  for it, r in zip(body.items, results, strict=True)],
         subspace=_ref(snapshot, body.threshold),
     )
