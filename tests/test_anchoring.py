@@ -63,7 +63,7 @@ def fitted() -> tuple[Subspace, np.ndarray, list[str], list[int], list[str]]:
 
 
 def test_stored_statistics_reproduce_the_fit_through_a_saved_version(fitted, tmp_path: Path) -> None:
-    sub, X, kinds, labels, sources = fitted
+    sub, X, kinds, _labels, _sources = fitted
     manifest = Manifest(name="anchor", model_id="m", weights_digest="w", embedding=EmbeddingConfig(layers=(1,)),
                         method="lda", k=1, center="kind", standardize=True, shrinkage=0.5, signed=True, kinds=list(sub.kinds_),
                         threshold=1.0, threshold_policy=ThresholdPolicy("fpr", 0.05), calibration={"n_samples": len(X)},
@@ -100,7 +100,7 @@ def test_a_prior_weighs_as_its_sources_and_the_upload_as_its_weight(fitted) -> N
 
 
 def test_tau_and_probability_carry_over_to_the_new_score(fitted) -> None:
-    sub, X, kinds, labels, sources = fitted
+    sub, X, kinds, labels, _sources = fitted
     stats = sub.statistics_
     y = np.asarray(labels)
     rng = np.random.default_rng(2)
@@ -146,7 +146,7 @@ def test_guard_holds_back_disagreement_and_lets_agreement_through() -> None:
 
 
 def test_a_prior_without_statistics_or_labels_cannot_anchor(fitted) -> None:
-    sub, X, kinds, labels, sources = fitted
+    sub, X, kinds, _labels, _sources = fitted
     bare = Subspace(method="lda")
     bare.__dict__.update({k: v for k, v in sub.__dict__.items() if k != "statistics_"})
     with pytest.raises(FitError, match="stores no calibration statistics"):

@@ -51,7 +51,7 @@ def fitted(models_dir: Path, tmp_path: Path, calibration_rows: list[dict]) -> di
 def test_fit_publishes_a_version_with_provenance_and_report(fitted: dict, models_dir: Path, tmp_path: Path,
                                                             calibration_rows: list[dict]) -> None:
     assert fitted["version"] == "v1" and list_versions(models_dir, "clitest") == ["v1"]
-    subspace, manifest = load_version(models_dir, "clitest")
+    _subspace, manifest = load_version(models_dir, "clitest")
     assert manifest.calibration["n_samples"] == len(calibration_rows)
     assert manifest.calibration["counts"]["pair/1"] == 12
     assert len(manifest.calibration["sha256"]) == 64

@@ -180,6 +180,6 @@ def test_cross_fitted_tau_is_chosen_on_held_out_scores_and_drops_fewer_benign_it
     plain = crossval(pool, FitOptions(method="lda", balance="source", cross_fit="none"), by="source")
     nested = crossval(pool, FitOptions(method="lda", balance="source", cross_fit="source"), by="source")
     assert np.allclose(plain["scores"], nested["scores"])  # the same held-out scores; only τ differs
-    fpr = lambda r: r["metrics"]["by_kind"]["prompt"]["fpr_at_threshold"]  # noqa: E731
+    fpr = lambda r: r["metrics"]["by_kind"]["prompt"]["fpr_at_threshold"]
     assert fpr(nested) < fpr(plain)  # in-sample τ underestimates a new source's benign scores
     assert all(f["thresholds"]["text"] > g["thresholds"]["text"] for f, g in zip(nested["folds"], plain["folds"], strict=True))

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -64,7 +65,7 @@ class Replica:
         return self.get("/readyz").json()
 
     def metric(self, name: str, labels: str = "") -> float:
-        pattern = re.compile(rf"^{name}{re.escape(labels)} (\S+)$", re.M)
+        pattern = re.compile(rf"^{name}{re.escape(labels)} (\S+)$", re.MULTILINE)
         found = pattern.search(self.get("/metrics").text)
         return float(found.group(1)) if found else 0.0
 
@@ -132,7 +133,7 @@ class Load:
                     self.errors.append(f"{replica.name}: {type(err).__name__}: {err}")
                 n += len(self._threads)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self

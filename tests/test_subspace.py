@@ -77,7 +77,7 @@ def test_signs_are_deterministic(real) -> None:
 
 
 def test_fit_errors_are_clear(real) -> None:
-    X, kinds, labels = real
+    X, kinds, _labels = real
     with pytest.raises(FitError, match="at least 2"):
         Subspace().fit(X[:1], kinds[:1])
     with pytest.raises(FitError, match="k=60 exceeds the rank"):
