@@ -150,7 +150,7 @@ def test_auth(served) -> None:
 
 
 def test_filter_stream_accounts_for_every_line(served, dev_rows: list[dict]) -> None:
-    url, snapshot, _ = served
+    url, _snapshot, _ = served
     good = [json.dumps(r) for r in dev_rows[:20]]
     lines = good[:5] + ["{broken", json.dumps({"text": ""}), "", json.dumps({"text": "a" * 20001})] + good[5:]
     payload = "\n".join(lines).encode() + b"\n\xff\xfe not utf-8"  # line 25, no trailing newline
@@ -354,7 +354,7 @@ def test_unlabeled_refit_anchors_on_the_active_version(served, dev_rows: list[di
 def test_guard_holds_back_the_papers_unlabeled_refit_on_mixed_data(served, dev_rows: list[dict]) -> None:
     """method=saft on the upload alone (the paper's score) disagrees with the active version on mixed data: it is
     published, not activated, and the job says why."""
-    url, _, root = served
+    url, _, _root = served
     before = httpx.get(f"{url}/subspace", headers=C).json()["version"]
     unlabeled = [{k: v for k, v in r.items() if k != "label"} for r in dev_rows]
     job = _run_refit(url, "layers=8&pooling=response&max_length=128&method=saft", unlabeled)
@@ -405,11 +405,13 @@ def test_client_disconnect_stops_filter_work(served, dev_rows: list[dict]) -> No
         yield from lines
 
     before = _items_scored(url)
-    with httpx.Client(timeout=300) as client:
-        with client.stream("POST", f"{url}/filter", content=body(), headers={**C, "content-type": "application/x-ndjson"}) as r:
-            first = next(r.iter_lines())
-            assert json.loads(first)["line"] == 1
-        # leaving the block closes the connection mid-stream
+    with (
+        httpx.Client(timeout=300) as client,
+        client.stream("POST", f"{url}/filter", content=body(), headers={**C, "content-type": "application/x-ndjson"}) as r,
+    ):
+        first = next(r.iter_lines())
+        assert json.loads(first)["line"] == 1
+        # leaving the block closes the connection mid-stream (and then the client)
     time.sleep(3)
     settled = _items_scored(url)
     time.sleep(3)
@@ -424,7 +426,7 @@ def test_cli_scores_through_the_service(served, tmp_path: Path, dev_rows: list[d
     from app.cli import app
     from tests.conftest import write_jsonl
 
-    url, snapshot, _ = served
+    url, _snapshot, _ = served
     data = write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in dev_rows[:5]] + ['{"text": ""}'])
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(app, ["score", str(data), "-o", str(out), "--url", url, "--token", CLIENT])

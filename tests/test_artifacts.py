@@ -128,7 +128,7 @@ def test_rendered_version_installs_atomically_once_and_is_immutable(tmp_path: Pa
 
 
 def test_per_kind_thresholds_and_fit_parameters_round_trip_and_old_manifests_still_load(tmp_path: Path) -> None:
-    sub, X = _fitted()
+    sub, _X = _fitted()
     manifest = _manifest()
     manifest.thresholds, manifest.balance, manifest.nuisance = {"text": 0.5, "pair": 2.5}, "source", 3
     save_version(tmp_path, sub, manifest)

@@ -61,7 +61,7 @@ class FakeModel:
 
 
 def make(model: FakeModel, **kw: Any) -> MicroBatcher[Any, Any]:
-    params: dict[str, Any] = dict(max_batch_tokens=1000, max_batch_size=8, max_wait_s=0.02, max_queue=1000)
+    params: dict[str, Any] = {"max_batch_tokens": 1000, "max_batch_size": 8, "max_wait_s": 0.02, "max_queue": 1000}
     params.update(kw)
     batcher: MicroBatcher[Any, Any] = MicroBatcher(model, **params)
     batcher.start()
