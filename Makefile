@@ -9,4 +9,6 @@ serve: setup
 
 test: setup
 	.venv/bin/lint-imports
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q
