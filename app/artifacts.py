@@ -40,6 +40,14 @@ class ArtifactError(ValueError):
     """A subspace artifact is missing, malformed, or does not match the loaded model."""
 
 
+class StoreWriteError(ArtifactError):
+    """Writing to the store failed (disk full, quota, read-only, permissions): a server fault, nothing changed."""
+
+
+class CorruptVersion(ArtifactError):
+    """A stored version cannot be read (unreadable file, not JSON, bad tensors): the store's fault, not the caller's."""
+
+
 @dataclass
 class Manifest:
     """Everything needed to reproduce and trust a subspace version."""
@@ -239,8 +247,11 @@ def subspace_tensors(subspace: Subspace) -> dict[str, np.ndarray]:
 def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate: bool = True) -> Manifest:
     """Publish a new immutable version (next free ``vN``) atomically; optionally make it active."""
     base = root / check_name(manifest.name)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("writing"), dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("writing"), dir=base))
+    except OSError as err:
+        raise StoreWriteError(f"subspace {manifest.name}: cannot write under {base} ({err}); nothing was published") from err
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from other users of models/
         save_file(subspace_tensors(subspace), str(tmp / TENSORS))
@@ -260,7 +271,7 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
                 if not (base / manifest.version).exists():
                     raise
     except (OSError, SafetensorError) as err:  # disk full, quota, read-only: say what, and that nothing changed
-        raise ArtifactError(f"subspace {manifest.name}: writing a new version under {base} failed ({err}); "
+        raise StoreWriteError(f"subspace {manifest.name}: writing a new version under {base} failed ({err}); "
                             "nothing was published") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,7 +322,7 @@ def install_version(root: Path, name: str, version: str, files: dict[str, bytes]
                     fh.flush()
                     os.fsync(fh.fileno())
         except OSError as err:
-            raise ArtifactError(f"subspace {name}/{version}: installing under {base} failed ({err}); nothing was published") from None
+            raise StoreWriteError(f"subspace {name}/{version}: installing under {base} failed ({err}); nothing was published") from None
         try:
             os.rename(tmp, base / version)
         except OSError:
@@ -329,7 +340,7 @@ def set_active(root: Path, name: str, version: str) -> None:
     try:
         _atomic_write_text(root / name / ACTIVE, version + "\n")
     except OSError as err:
-        raise ArtifactError(f"subspace {name}: {version} could not be made active ({err}); the active version is unchanged") from err
+        raise StoreWriteError(f"subspace {name}: {version} could not be made active ({err}); the active version is unchanged") from err
 
 
 def active_version(root: Path, name: str) -> str | None:
@@ -353,7 +364,7 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
     try:
         manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
     except ValueError as err:  # not JSON, not UTF-8
-        raise ArtifactError(f"subspace {name}/{version}: {MANIFEST} is not valid JSON ({err})") from None
+        raise CorruptVersion(f"subspace {name}/{version}: {MANIFEST} is not valid JSON ({err})") from None
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{name}/{version} has format {manifest.format_version}; this build reads {FORMAT_VERSION}")
     if manifest.probability is not None:
@@ -364,7 +375,7 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
     try:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError) as err:  # corrupt or foreign (a pickle is never loaded)
-        raise ArtifactError(f"subspace {name}/{version}: {TENSORS} cannot be read ({err})") from None
+        raise CorruptVersion(f"subspace {name}/{version}: {TENSORS} cannot be read ({err})") from None
     missing = {"components", "singular_values", "mean", "kind_means", "scale"} - set(tensors)
     if missing:
         raise ArtifactError(f"subspace {name}/{version}: {TENSORS} lacks {sorted(missing)}")

@@ -1,7 +1,10 @@
 """The async micro-batcher: a bounded queue, token-budget batches and the one worker thread that runs them.
 
-Owns: admission (a bounded queue that refuses rather than grows), batch formation (same key only,
-padded cost ``max(cost) · len`` within a token budget, length bucketing around the oldest item),
+Owns: admission (a bounded queue that refuses rather than grows, with a share per caller), fair order
+between callers (start-time fair queuing on token cost: the item that runs next is the one with the
+smallest virtual start tag, so a caller streaming thousands of items does not make a one-item caller
+wait behind all of them), batch formation (same key only, padded cost ``max(cost) · len`` within a
+token budget, length bucketing around the item that runs next),
 the wait for a batch to fill, cancellation of abandoned work, draining on shutdown, and per-batch
 statistics handed to a callback.
 
@@ -86,6 +89,8 @@ class _Item:
     enqueued: float  # time.monotonic() at submit
     call: _Call
     index: int  # position in the call's payloads, hence in its results
+    caller: Hashable = None  # who submitted it (an opaque identity: the batcher only compares them)
+    tag: float = 0.0  # virtual start time (fair queuing): items run in tag order, the oldest first on ties
 
 
 @dataclass(eq=False, slots=True)
@@ -96,6 +101,7 @@ class _Admission:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     granted: bool = False
+    caller: Hashable = None
 
 
 def _set_result(future: asyncio.Future[Any], results: Any) -> None:
@@ -160,6 +166,7 @@ class MicroBatcher(Generic[P, R]):
         on_batch: Callable[[BatchStats], None] | None = None,
         feeder_nice: int = 0,
         max_padding: float = 1.0,
+        max_queue_per_caller: int | None = None,
     ) -> None:
         limits = {"max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size, "max_queue": max_queue}
         for field_name, value in limits.items():
@@ -171,6 +178,11 @@ class MicroBatcher(Generic[P, R]):
             raise ValueError(f"max_padding must be within 0..1, got {max_padding}")
         if not 0 <= feeder_nice <= 19:
             raise ValueError(f"feeder_nice must be within 0..19, got {feeder_nice}")
+        if max_queue_per_caller is not None and not 1 <= max_queue_per_caller <= max_queue:
+            raise ValueError(f"max_queue_per_caller must be within 1..max_queue={max_queue}, got {max_queue_per_caller}")
+        #: The most items one caller may hold queued (and reserved); beyond it that caller alone is refused (or
+        #: waits, with ``wait``), so one caller cannot fill the queue for everyone.
+        self.max_queue_per_caller = max_queue if max_queue_per_caller is None else max_queue_per_caller
         self._process = process
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -194,6 +206,11 @@ class MicroBatcher(Generic[P, R]):
         # refused: otherwise a stream of small calls takes every freed slot and a large one starves.
         self._line: collections.deque[_Admission] = collections.deque()
         self._reserved = 0
+        # Fair queuing: items (waiting + reserved) held per caller, each caller's last virtual finish time, and the
+        # virtual time (the start tag of the item that ran last).
+        self._held: dict[Hashable, int] = {}
+        self._finish: dict[Hashable, float] = {}
+        self._vtime = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -232,16 +249,20 @@ class MicroBatcher(Generic[P, R]):
                 self._cond.notify_all()
             raise TimeoutError(f"batcher {self.name!r}: worker still busy after stop timeout_s={timeout_s}")
 
-    def check_room(self, n: int) -> None:
-        """Raise ``QueueFull`` now if ``n`` items would not fit, so a caller refuses before costly work
+    def check_room(self, n: int, caller: Hashable = None) -> None:
+        """Raise ``QueueFull`` now if ``n`` items of ``caller`` would not fit, so a caller refuses before costly work
         (tokenizing); ``submit`` checks again, since the queue may fill in between."""
         with self._cond:
-            self._check_room_locked(n)
+            self._check_room_locked(n, caller)
 
-    def _check_room_locked(self, n: int) -> None:
+    def _check_room_locked(self, n: int, caller: Hashable = None) -> None:
         depth = len(self._waiting) + self._reserved
         in_line = sum(a.n for a in self._line)
-        if self._line or depth + n > self.max_queue:
+        # Room that callers in line wait for: theirs to take first. A caller in line for its own share only (it holds
+        # max_queue_per_caller already) waits for its own items, and keeps nobody else out.
+        blocking = sum(a.n for a in self._line if a.caller != caller and not self._over_share(a.caller, a.n))
+        own_line = any(a.caller == caller for a in self._line)
+        if own_line or depth + blocking + n > self.max_queue:
             retry = self._retry_after(depth + in_line + n - self.max_queue)
             ahead = f" ({len(self._line)} calls of {in_line} items waiting for room first)" if self._line else ""
             raise QueueFull(
@@ -249,6 +270,17 @@ class MicroBatcher(Generic[P, R]):
                 f"retry in {retry:.0f} s",
                 retry,
             )
+        held = self._held.get(caller, 0)
+        if self._over_share(caller, n):
+            retry = self._retry_after(held + n - self.max_queue_per_caller)
+            raise QueueFull(
+                f"batcher {self.name!r}: this caller holds {held} queued items + {n} new exceed its share "
+                f"max_queue_per_caller={self.max_queue_per_caller}; retry in {retry:.0f} s",
+                retry,
+            )
+
+    def _over_share(self, caller: Hashable, n: int) -> bool:
+        return self._held.get(caller, 0) + n > self.max_queue_per_caller
 
     @property
     def queue_depth(self) -> int:
@@ -258,10 +290,13 @@ class MicroBatcher(Generic[P, R]):
 
     # ---- the event-loop side ---------------------------------------------------------------------
 
-    async def submit(self, payloads: Sequence[P], costs: Sequence[int], key: Hashable = None, *, wait: bool = False) -> list[R]:
+    async def submit(self, payloads: Sequence[P], costs: Sequence[int], key: Hashable = None, *, wait: bool = False,
+                     caller: Hashable = None) -> list[R]:
         """Queue ``payloads`` (all or none) and return their results in order.
 
-        ``costs[i]`` is payload i's token count; ``key`` groups payloads that may share a batch.
+        ``costs[i]`` is payload i's token count; ``key`` groups payloads that may share a batch; ``caller``
+        names who submits (e.g. a client token's digest): callers share the worker fairly by token cost, and
+        each may hold at most ``max_queue_per_caller`` items.
         Raises ``QueueFull`` when the queue cannot take all of them now — unless ``wait``: then the
         call stands in line (first come, first served) until room is freed for all of its items.
         Raises ``ValueError`` when the call alone exceeds ``max_queue`` (no wait would help: split
@@ -274,8 +309,10 @@ class MicroBatcher(Generic[P, R]):
         for i, cost in enumerate(costs):
             if cost < 0:
                 raise ValueError(f"costs[{i}]: a token count must be >= 0, got {cost}")
-        if n > self.max_queue:
-            raise ValueError(f"payloads: {n} items in one call exceed max_queue={self.max_queue}; split the request")
+        if n > self.max_queue_per_caller:
+            raise ValueError(f"payloads: {n} items in one call exceed max_queue={self.max_queue}"
+                             + (f" (max_queue_per_caller={self.max_queue_per_caller})" if self.max_queue_per_caller < self.max_queue else "")
+                             + "; split the request")
         if n == 0:
             return []
         loop = asyncio.get_running_loop()
@@ -287,12 +324,12 @@ class MicroBatcher(Generic[P, R]):
             if self._thread is None:
                 raise RuntimeError(f"batcher {self.name!r}: call start() before submit()")
             if wait:
-                admission = _Admission(n, loop, loop.create_future())
+                admission = _Admission(n, loop, loop.create_future(), caller=caller)
                 self._line.append(admission)
                 self._admit_locked()
             else:
-                self._check_room_locked(n)
-                self._enqueue_locked(call, payloads, costs, key)
+                self._check_room_locked(n, caller)
+                self._enqueue_locked(call, payloads, costs, key, caller)
         if admission is not None:
             try:
                 await admission.future
@@ -302,38 +339,66 @@ class MicroBatcher(Generic[P, R]):
                 raise
             with self._cond:
                 self._reserved -= n
+                self._release(caller, n)
                 if self._closed:
                     self._admit_locked()
                     raise BatcherClosed(f"batcher {self.name!r} is stopping; no new work is accepted")
-                self._enqueue_locked(call, payloads, costs, key)
+                self._enqueue_locked(call, payloads, costs, key, caller)
         try:
             return await call.future
         except asyncio.CancelledError:
             self._abandon(call)
             raise
 
-    def _enqueue_locked(self, call: _Call, payloads: Sequence[P], costs: Sequence[int], key: Hashable) -> None:
+    def _enqueue_locked(self, call: _Call, payloads: Sequence[P], costs: Sequence[int], key: Hashable, caller: Hashable = None) -> None:
         now = time.monotonic()
         by_key = self._by_key.setdefault(key, {})
+        # Start-time fair queuing: a caller's items start where its previous ones finished in virtual time, or
+        # now (the virtual time) if it has been idle; each advances its caller's clock by its token cost.
+        start = max(self._vtime, self._finish.get(caller, 0.0))
         for i, (payload, cost) in enumerate(zip(payloads, costs)):
-            item = _Item(payload, int(cost), key, next(self._seq), now, call, i)
+            item = _Item(payload, int(cost), key, next(self._seq), now, call, i, caller, start)
+            start += max(int(cost), 1)
             call.items.append(item)
             self._waiting[item.seq] = item
             by_key[item.seq] = item
+        self._finish[caller] = start
+        self._held[caller] = self._held.get(caller, 0) + len(payloads)
         self._cond.notify()
 
+    def _release(self, caller: Hashable, n: int) -> None:
+        """``n`` items of ``caller`` left the queue (ran, withdrawn, or their reservation was used or given back)."""
+        held = self._held.get(caller, 0) - n
+        if held > 0:
+            self._held[caller] = held
+            return
+        self._held.pop(caller, None)
+        if self._finish.get(caller, 0.0) <= self._vtime:
+            self._finish.pop(caller, None)  # an idle caller restarts at the virtual time anyway: keep no entry per caller
+
     def _admit_locked(self) -> None:
-        """Grant room to the callers in line, in order, as far as the queue has it."""
-        while self._line and len(self._waiting) + self._reserved + self._line[0].n <= self.max_queue:
-            admission = self._line.popleft()
+        """Grant room to the callers in line, first come first served, as far as the queue has it; a caller over its
+        own share waits for its own items to run and does not hold back the callers behind it."""
+        over: set[Hashable] = set()
+        for admission in list(self._line):
+            if admission.caller in over:
+                continue  # a caller's calls keep their order
+            if self._over_share(admission.caller, admission.n):
+                over.add(admission.caller)
+                continue
+            if len(self._waiting) + self._reserved + admission.n > self.max_queue:
+                break
+            self._line.remove(admission)
             admission.granted = True
             self._reserved += admission.n
+            self._held[admission.caller] = self._held.get(admission.caller, 0) + admission.n
             _post(admission, _set_result, None)
 
     def _leave_line_locked(self, admission: _Admission) -> None:
         """A caller in line was cancelled: give back its place, or the room already granted to it."""
         if admission.granted:
             self._reserved -= admission.n
+            self._release(admission.caller, admission.n)
         elif admission in self._line:
             self._line.remove(admission)
         self._admit_locked()
@@ -353,6 +418,7 @@ class MicroBatcher(Generic[P, R]):
     # ---- queue bookkeeping (caller holds the lock) -----------------------------------------------
 
     def _remove(self, item: _Item) -> None:
+        self._release(item.caller, 1)
         del self._waiting[item.seq]
         same_key = self._by_key[item.key]
         del same_key[item.seq]
@@ -372,6 +438,7 @@ class MicroBatcher(Generic[P, R]):
                 _post(item.call, _set_exception, exc)
         self._waiting.clear()
         self._by_key.clear()
+        self._held.clear()
         for admission in self._line:
             _post(admission, _set_exception, exc)
         self._line.clear()
@@ -384,7 +451,8 @@ class MicroBatcher(Generic[P, R]):
         (on a CPU a padded token costs as much as a real one, and batching gains less than that).
         Returns the batch and whether it is full (no further item could join by size or budget).
         """
-        items = sorted(self._by_key[anchor.key].values(), key=lambda it: (it.cost, it.seq))
+        # Ties in cost go to the earliest in fair order (with one caller, the oldest): fillers are who is due next.
+        items = sorted(self._by_key[anchor.key].values(), key=lambda it: (it.cost, it.tag, it.seq))
         at = next(i for i, it in enumerate(items) if it is anchor)
         lo = hi = at
         real = anchor.cost
@@ -414,9 +482,9 @@ class MicroBatcher(Generic[P, R]):
     def _next_batch(self) -> list[_Item] | None:
         """Block until a batch should run and take it from the queue; None when the worker should end.
 
-        The oldest item's batch runs once full or once that item has waited ``max_wait_s``. While it
-        is still filling, a full batch of another key may run: idling the device helps nobody, and
-        the oldest item's deadline still bounds its wait.
+        The batch of the item that runs next (the smallest fair-queuing tag; with one caller, the oldest) runs
+        once full or once that item has waited ``max_wait_s``. While it is still filling, a full batch of
+        another key may run: idling the device helps nobody, and that item's deadline still bounds its wait.
         """
         while True:
             if not self._waiting:
@@ -424,16 +492,18 @@ class MicroBatcher(Generic[P, R]):
                     return None
                 self._cond.wait()
                 continue
-            oldest = next(iter(self._waiting.values()))
-            batch, full = self._form(oldest)
+            # The item that runs next: the smallest virtual start tag (with one caller, simply the oldest).
+            first = min(self._waiting.values(), key=lambda it: (it.tag, it.seq))
+            batch, full = self._form(first)
             now = time.monotonic()
-            deadline = oldest.enqueued + self.max_wait_s
+            deadline = first.enqueued + self.max_wait_s
             if not (full or self._closed or now >= deadline):
-                other = self._full_batch_of_other_key(oldest.key)
+                other = self._full_batch_of_other_key(first.key)
                 if other is None:
                     self._cond.wait(deadline - now)
                     continue
                 batch = other
+            self._vtime = max(self._vtime, min(item.tag for item in batch))
             for item in batch:
                 self._remove(item)
             self._admit_locked()

@@ -81,6 +81,15 @@ class Settings(BaseSettings):
         "run at this nice, so request handling does not stall a CPU forward pass; 0 leaves priorities alone."
     )
     max_queue: int = Field(4096, ge=1, description="Queued items before /score answers 429.")
+    fair_queuing: bool = Field(True, description="Share the inference worker fairly between client tokens (start-time fair "
+                               "queuing on token cost); false: first come, first served across all clients.")
+    max_queue_per_client: int = Field(0, ge=0, description="Queued items one client token may hold (0: the whole "
+                                      "queue); past it that client alone gets 429 (a /filter stream waits for its own items).")
+    rate_limit_requests_per_s: float = Field(0.0, ge=0, description="Requests per second per client token on /score, "
+                                             "/filter and /v1/moderations (0: no limit); past it 429 with Retry-After.")
+    rate_limit_items_per_s: float = Field(0.0, ge=0, description="Items per second per client token on /score and "
+                                          "/v1/moderations (0: no limit).")
+    rate_limit_burst_s: float = Field(2.0, gt=0, description="A client may burst this many seconds' worth of its rate.")
     max_items_per_request: int = Field(1024, ge=1)
     max_chars_per_item: int = Field(200_000, ge=1, description="Longer items are refused (413), not cut.")
     max_body_bytes: int = Field(64 * 2**20, ge=1, description="Largest /score body, checked before parsing.")
@@ -117,6 +126,11 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(86400, ge=1, description="Lifetime of a cached embedding (both tiers).")
     cache_redis: bool = Field(True, description="Share cached embeddings through Redis when SAFT_REDIS_URL is set.")
 
+    @property
+    def client_queue_share(self) -> int:
+        """The queued items one client may hold: SAFT_MAX_QUEUE_PER_CLIENT, or the whole queue where it is 0."""
+        return self.max_queue_per_client or self.max_queue
+
     def guard_bounds(self) -> dict[str, float]:
         """The refit guard's bounds (``app.anchoring.GuardBounds``' fields)."""
         return {"min_agreement": self.refit_guard_min_agreement, "max_drop_ratio": self.refit_guard_max_drop_ratio,
@@ -137,8 +151,11 @@ class Settings(BaseSettings):
     def _limits_fit_the_queue(self) -> Settings:
         # One request's items are admitted to the queue together, so they must fit in it.
         for name in ("max_items_per_request", "filter_chunk_lines"):
-            if getattr(self, name) > self.max_queue:
-                raise ValueError(f"SAFT_{name.upper()} ({getattr(self, name)}) must not exceed SAFT_MAX_QUEUE ({self.max_queue})")
+            if getattr(self, name) > self.client_queue_share:
+                raise ValueError(f"SAFT_{name.upper()} ({getattr(self, name)}) must not exceed a client's queue share "
+                                 f"({self.client_queue_share}: SAFT_MAX_QUEUE_PER_CLIENT, or SAFT_MAX_QUEUE where it is 0)")
+        if self.max_queue_per_client > self.max_queue:
+            raise ValueError(f"SAFT_MAX_QUEUE_PER_CLIENT ({self.max_queue_per_client}) must not exceed SAFT_MAX_QUEUE ({self.max_queue})")
         return self
 
     @field_validator("api_tokens", mode="before")

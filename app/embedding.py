@@ -43,6 +43,10 @@ class EmbeddingError(RuntimeError):
     """The model could not be loaded or produced an unusable embedding."""
 
 
+class ModelFault(EmbeddingError):
+    """The model itself failed on valid input (NaN/inf hidden states): a server fault, answered 424 as TEI does."""
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingConfig:
     """How an item becomes a vector. Part of every subspace's identity: fit and score must agree.
@@ -376,7 +380,7 @@ class Embedder:
             vectors = torch.stack([pool(captured[i].float(), mask, pooling, starts) for i in absolute], dim=1).cpu().numpy()
             bad = ~np.isfinite(vectors).reshape(len(batch), -1).all(axis=1)
             if bad.any():
-                raise EmbeddingError(f"the model produced NaN/inf for batch rows {np.flatnonzero(bad).tolist()}")
+                raise ModelFault(f"the model produced NaN/inf for batch rows {np.flatnonzero(bad).tolist()}")
             out[pooling] = vectors
         return out
 

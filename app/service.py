@@ -28,6 +28,7 @@ from app.embedding import Embedder, EmbeddingConfig, Encoded
 from app.fleet import Fleet, FleetUnavailable, RefitLease, RefitLocked, VersionConflict
 from app.items import Item
 from app.pipeline import FitOptions, Scored, file_digest, fit_lines, read_lines, score_encoded
+from app.ratelimit import RateLimited, RateLimiter
 from app.registry import ActiveSubspace, SubspaceRegistry
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class ScoringService:
         self.embedder = embedder
         self.registry = SubspaceRegistry(settings.models_dir, settings.subspace_name, embedder)
         self.jobs = JobStore()
+        self.rate_limiter = RateLimiter(settings.rate_limit_requests_per_s, settings.rate_limit_items_per_s,
+                                        settings.rate_limit_burst_s)
         self.fleet: Fleet | None = None
         if settings.redis_url:
             self.fleet = Fleet(settings.redis_url, prefix=settings.redis_prefix, name=settings.subspace_name,
@@ -120,6 +123,7 @@ class ScoringService:
             on_batch=self._on_batch,
             feeder_nice=settings.feeder_nice,
             max_padding=settings.max_batch_padding,
+            max_queue_per_caller=settings.client_queue_share,
         )
         self._refit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,6 +183,10 @@ class ScoringService:
     def _on_batch(self, stats: BatchStats) -> None:
         metrics.BATCH_SIZE.observe(stats.size)
         metrics.BATCH_TOKENS.observe(stats.padded_tokens)
+        if stats.padded_tokens:
+            metrics.BATCH_PADDING.observe(1 - stats.real_tokens / stats.padded_tokens)
+        metrics.PADDING_TOKENS.inc(stats.padded_tokens - stats.real_tokens)
+        metrics.REAL_TOKENS.inc(stats.real_tokens)
         metrics.INFERENCE_SECONDS.observe(stats.seconds)
         metrics.QUEUE_DEPTH.set(stats.queue_depth)
 
@@ -214,6 +222,14 @@ class ScoringService:
         return {"id": self.embedder.model_id, "weights_sha256": self.embedder.weights_digest,
                 "device": str(self.embedder.device), "dtype": str(self.embedder.dtype).removeprefix("torch.")}
 
+    def check_rate(self, caller: str, n_items: int = 0) -> None:
+        """One request of ``caller`` with ``n_items`` items, against its rate limits (SAFT_RATE_LIMIT_*; off by default)."""
+        try:
+            self.rate_limiter.take(caller, n_items)
+        except RateLimited:
+            metrics.RATE_LIMITED.inc()
+            raise
+
     def check_size(self, item: Item, where: str = "item") -> None:
         chars = item_chars(item)
         if chars > self.settings.max_chars_per_item:
@@ -224,13 +240,15 @@ class ScoringService:
         keys = [cache_key(self.embedder.weights_digest, config, text) for text in texts]
         return texts, response_chars, keys
 
-    async def embed(self, items: Sequence[Item], config: EmbeddingConfig, *, wait: bool = False) -> tuple[list[Encoded], np.ndarray]:
+    async def embed(self, items: Sequence[Item], config: EmbeddingConfig, *, wait: bool = False,
+                    caller: str | None = None) -> tuple[list[Encoded], np.ndarray]:
         """Embed items, each distinct input once: cached ones (local, then Redis) are not run again,
         duplicates within the call share one forward pass, and an input another request is already
         embedding is awaited rather than run twice; the rest wait for the shared inference worker.
 
         A full queue raises ``QueueFull`` — unless ``wait`` (streams that cannot answer 429 halfway):
-        then the call stands in line for room, ahead of every later caller."""
+        then the call stands in line for room, ahead of every later caller. ``caller`` (a client's identity)
+        shares the inference worker fairly with other callers and holds at most its share of the queue."""
         texts, response_chars, keys = await asyncio.to_thread(self._format_and_key, items, config)
         cached, local_hits, redis_hits = await self.cache.get_many(keys)
         first: dict[str, int] = {}  # key → index of its first uncached occurrence
@@ -246,19 +264,19 @@ class ScoringService:
         metrics.CACHE_HITS.labels("inflight").inc(len(awaited))
         metrics.CACHE_MISSES.inc(len(own))
         embed_own = self._embed_owned if sharing else self._embed_uncached
-        fresh = await embed_own(own, texts, response_chars, keys, config, wait)
+        fresh = await embed_own(own, texts, response_chars, keys, config, wait, caller)
         if awaited:
             shared = await asyncio.gather(*(asyncio.shield(f) for f in awaited.values()))
             fresh.update((key, entry) for key, entry in zip(awaited, shared, strict=True) if entry is not None)
             abandoned = [first[key] for key in awaited if key not in fresh]  # their request failed or left: run them here
             metrics.CACHE_MISSES.inc(len(abandoned))
-            fresh.update(await self._embed_uncached(abandoned, texts, response_chars, keys, config, wait))
+            fresh.update(await self._embed_uncached(abandoned, texts, response_chars, keys, config, wait, caller))
         entries = [entry if entry is not None else fresh[key] for key, entry in zip(keys, cached, strict=True)]
         out = [Encoded((), e.n_tokens, e.truncated) for e in entries]
         return out, np.stack([e.vector for e in entries]) if entries else np.empty((0, self.embedder.dim(config)), np.float32)
 
     async def _embed_owned(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
-                           config: EmbeddingConfig, wait: bool) -> dict[str, CachedEmbedding]:
+                           config: EmbeddingConfig, wait: bool, caller: str | None = None) -> dict[str, CachedEmbedding]:
         """Embed items no other request is embedding, announcing each so concurrent duplicates wait for it.
 
         Waiters get None when this request fails or is cancelled, and then embed the item themselves."""
@@ -267,7 +285,7 @@ class ScoringService:
         self._inflight.update(announced)
         fresh: dict[str, CachedEmbedding] = {}
         try:
-            fresh = await self._embed_uncached(todo, texts, response_chars, keys, config, wait)
+            fresh = await self._embed_uncached(todo, texts, response_chars, keys, config, wait, caller)
         finally:
             for key, future in announced.items():
                 future.set_result(fresh.get(key))
@@ -276,21 +294,22 @@ class ScoringService:
         return fresh
 
     async def _embed_uncached(self, todo: list[int], texts: list[str], response_chars: list[int | None], keys: list[str],
-                              config: EmbeddingConfig, wait: bool) -> dict[str, CachedEmbedding]:
+                              config: EmbeddingConfig, wait: bool, caller: str | None = None) -> dict[str, CachedEmbedding]:
         """Tokenize and run items through the batcher, then cache them."""
         if not todo:
             return {}
         start = time.perf_counter()
         if not wait:
             try:
-                self.batcher.check_room(len(todo))  # an overloaded queue refuses before tokenizing (a cheap 429)
+                self.batcher.check_room(len(todo), caller)  # an overloaded queue refuses before tokenizing (a cheap 429)
             except QueueFull:
                 metrics.QUEUE_FULL.inc()
                 raise
         encoded = await asyncio.to_thread(self.embedder.encode, [texts[i] for i in todo], config, [response_chars[i] for i in todo])
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
         try:
-            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config, wait=wait)
+            rows = await self.batcher.submit([(e, config) for e in encoded], [len(e.input_ids) for e in encoded], key=config, wait=wait,
+                                             caller=caller)
         except QueueFull:
             metrics.QUEUE_FULL.inc()
             raise
@@ -301,9 +320,10 @@ class ScoringService:
         return fresh
 
     async def score(self, items: Sequence[Item], snapshot: ActiveSubspace, threshold: float | None, *,
-                    wait: bool = False) -> list[Scored]:
-        """Score items with one snapshot (one version for the whole request); ``wait`` as in ``embed``."""
-        encoded, vectors = await self.embed(items, snapshot.manifest.embedding, wait=wait)
+                    wait: bool = False, caller: str | None = None) -> list[Scored]:
+        """Score items with one snapshot (one version for the whole request); ``wait`` and ``caller`` as in ``embed``."""
+        caller = caller if self.settings.fair_queuing else None
+        encoded, vectors = await self.embed(items, snapshot.manifest.embedding, wait=wait, caller=caller)
         results = score_encoded(snapshot.subspace, snapshot.manifest, items, encoded, vectors, threshold)
         metrics.ITEMS_SCORED.inc(len(results))
         for r in results:

@@ -6,6 +6,7 @@
     peer       infinity-emb serving all-MiniLM-L6-v2 vs this service serving and scoring with it
     layers     running blocks up to the chosen layer vs the full model
     cache      30% duplicate requests, embedding cache on vs off
+    fairness   one bulk /filter stream vs an interactive caller's one-item /score: p90 contended / idle
     refit      peak RSS and time of a streaming fit for N = 10k, 50k, 200k (one process per N)
     gpu        the core on CUDA in bf16 vs the chip's bf16 matmul (records 'not run' without a GPU)
     plots      PNGs of the results under docs/bench/
@@ -18,13 +19,14 @@ from __future__ import annotations
 import typer
 
 from bench.core import core, gpu, layers
+from bench.fairness import fairness
 from bench.peer import peer
 from bench.plots import plots
 from bench.refit import refit
 from bench.service import batching, cache, service
 
 app = typer.Typer(add_completion=False, help=__doc__)
-for command in (core, service, batching, peer, layers, cache, refit, gpu, plots):
+for command in (core, service, batching, peer, layers, cache, fairness, refit, gpu, plots):
     app.command()(command)
 
 if __name__ == "__main__":

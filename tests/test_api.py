@@ -64,9 +64,13 @@ def test_health_ready_metrics_openapi(served) -> None:
     text = httpx.get(f"{url}/metrics").text
     for name in ("saft_requests_total", "saft_request_seconds", "saft_queue_depth", "saft_batch_size", "saft_batch_tokens",
                  "saft_inference_seconds", "saft_items_scored_total", "saft_verdicts_total", "saft_truncations_total",
-                 'saft_active_subspace_version{name="apitest"} 1.0'):
+                 'saft_active_subspace_version{name="apitest"} 1.0', "saft_batch_padding_ratio", "saft_padding_tokens_total"):
         assert name in text
     assert 'route="/score"' in text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    # Every forward pass observes its padding share; real tokens were run (the warm-up's and this request's).
+    assert values["saft_batch_padding_ratio_count"] == values["saft_batch_size_count"] > 0
+    assert values["saft_real_tokens_total"] > 0 and 0 <= values["saft_padding_tokens_total"]
 
 
 def test_score_matches_core_and_names_version(served, embedder: Embedder, dev_rows: list[dict]) -> None:

@@ -142,3 +142,24 @@ def test_per_kind_thresholds_and_fit_parameters_round_trip_and_old_manifests_sti
     old = Manifest.from_json(json.loads((PROJECT_ROOT / "models" / "default" / "v2" / "manifest.json").read_text()))
     assert old.thresholds == {} and old.threshold_for("pair") == old.threshold_for("text") == old.threshold
     assert (old.balance, old.nuisance) == ("item", 0)
+
+
+def test_store_faults_are_server_faults_and_say_nothing_changed(tmp_path: Path) -> None:
+    """A store that cannot be written (here: its root is a file) or read is a 5xx, not the caller's 422."""
+    from app.api.errors import status_of
+    from app.artifacts import ArtifactError, CorruptVersion, StoreWriteError
+    from app.embedding import EmbeddingError, ModelFault
+
+    root = tmp_path / "models"
+    root.write_text("not a directory")
+    with pytest.raises(StoreWriteError, match="nothing was published"):
+        save_version(root, _fitted()[0], _manifest())
+    good = tmp_path / "store"
+    saved = save_version(good, _fitted()[0], _manifest())
+    (good / "demo" / saved.version / "subspace.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(CorruptVersion, match="cannot be read"):
+        load_version(good, "demo", saved.version)
+    assert status_of(StoreWriteError("x")) == (507, "storage_error")
+    assert status_of(CorruptVersion("x")) == (500, "storage_error")
+    assert status_of(ModelFault("x")) == (424, "model_error")
+    assert status_of(ArtifactError("x")) == (422, "invalid_input") and status_of(EmbeddingError("x")) == (422, "invalid_input")

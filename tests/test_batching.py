@@ -516,3 +516,66 @@ def test_feeder_nice_and_max_padding_out_of_range_are_refused() -> None:
         MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4, feeder_nice=20)
     with pytest.raises(ValueError, match="max_padding"):
         MicroBatcher(FakeModel(), max_batch_tokens=10, max_batch_size=2, max_wait_s=0, max_queue=4, max_padding=1.5)
+
+
+# ---- fairness between callers ---------------------------------------------------------------------
+
+
+def test_a_one_item_caller_runs_before_a_bulk_callers_backlog() -> None:
+    """Start-time fair queuing: B's item, submitted after A's 40, runs in the next batch, not after A's backlog;
+    A's own items keep their order."""
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_batch_size=4, max_wait_s=0)
+        blocker = await block_worker(batcher, model, 0)
+        bulk = asyncio.create_task(batcher.submit(list(range(1, 41)), [10] * 40, caller="A"))
+        await wait_until(lambda: batcher.queue_depth == 40)
+        one = asyncio.create_task(batcher.submit([1000], [10], caller="B"))
+        await wait_until(lambda: batcher.queue_depth == 41)
+        model.gate.set()
+        assert await one == [2000] and await bulk == [2 * i for i in range(1, 41)] and await blocker == [0]
+        runs = [p for batch in model.batches[1:] for p in batch]
+        assert 1000 in model.batches[1], model.batches[:3]  # the first batch after the blocker
+        assert [p for p in runs if p != 1000] == list(range(1, 41))  # A's in order
+        # Without callers (one identity), the same submissions run first come, first served.
+        model.batches.clear()
+        blocker = await block_worker(batcher, model, 0)
+        bulk = asyncio.create_task(batcher.submit(list(range(1, 41)), [10] * 40))
+        await wait_until(lambda: batcher.queue_depth == 40)
+        one = asyncio.create_task(batcher.submit([1000], [10]))
+        await wait_until(lambda: batcher.queue_depth == 41)
+        model.gate.set()
+        await asyncio.gather(one, bulk, blocker)
+        assert [p for batch in model.batches[1:] for p in batch][-1] == 1000
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_callers_share_of_the_queue_refuses_its_excess_only() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_queue=10, max_queue_per_caller=6, max_batch_size=2)
+        blocker = await block_worker(batcher, model, 0)
+        a = asyncio.create_task(batcher.submit(list(range(1, 7)), [1] * 6, caller="A"))
+        await wait_until(lambda: batcher.queue_depth == 6)
+        with pytest.raises(QueueFull, match="this caller holds 6 queued items \\+ 1 new exceed its share max_queue_per_caller=6"):
+            await batcher.submit([7], [1], caller="A")
+        with pytest.raises(QueueFull, match="its share"):
+            batcher.check_room(1, "A")
+        # A stream of A's that waits for room stands in line for its own share, and keeps nobody else out.
+        a_waits = asyncio.create_task(batcher.submit([8, 9], [1, 1], wait=True, caller="A"))
+        await asyncio.sleep(0.05)
+        assert not a_waits.done()
+        b = asyncio.create_task(batcher.submit([100, 101, 102, 103], [1] * 4, caller="B"))  # 6 + 4 fit: B is let in
+        await wait_until(lambda: batcher.queue_depth == 10)
+        with pytest.raises(ValueError, match="max_queue_per_caller=6"):
+            await batcher.submit(list(range(7)), [1] * 7, caller="C")  # could never fit a caller's share
+        model.gate.set()
+        assert await a == [2 * i for i in range(1, 7)] and await b == [200, 202, 204, 206]
+        assert await a_waits == [16, 18] and await blocker == [0]
+        await batcher.stop()
+
+    run(main())

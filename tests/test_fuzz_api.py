@@ -151,10 +151,13 @@ def test_traversal_symlinks_and_pickles_never_reach_outside_models(hostile) -> N
                 while chunk := s.recv(65536):
                     reply += chunk
             status = int(reply.split(b" ", 2)[1])
-            assert status in (404, 422), (path, reply[:300])
+            # v8 holds a pickle disguised as tensors: the store's fault (500 storage_error), every other one the path's.
+            assert status in ((500,) if version == "v8" else (404, 422)), (path, reply[:300])
     assert httpx.get(f"{url}/subspace/versions", headers=C).json()["versions"] == ["v1", "v8"]  # the symlinked v7 is not listed
     r = httpx.post(f"{url}/subspace/versions/v8/activate", headers=A)
-    assert r.status_code in (404, 422) and "cannot be read" in r.json()["error"], r.text
+    # A foreign file in the store is the store's fault, not the request's: 500 storage_error (the detail goes to the
+    # log, never to the client), never unpickled.
+    assert r.status_code == 500 and r.json() == {"error": "internal error", "type": "storage_error"}, r.text
     assert not marker.exists()  # the pickle was never unpickled
     assert httpx.get(f"{url}/readyz").json()["subspace"]["version"] == "v1"  # and nothing changed
     source = "\n".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "app").rglob("*.py"))

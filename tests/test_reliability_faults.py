@@ -145,7 +145,7 @@ def test_disk_full_while_writing_is_a_clear_error_and_writes_nothing(tmp_path: P
     failed = _write_with_limit(models, "apitest", 4096, die=False)
     assert failed.returncode == 1
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("app.artifacts.ArtifactError: subspace apitest: writing a new version under"), failed.stderr
+    assert last.startswith("app.artifacts.StoreWriteError: subspace apitest: writing a new version under"), failed.stderr
     assert "File too large" in last and "nothing was published" in last
     assert tree_digest(models) == before  # no version, no temp dir, ACTIVE untouched
     # Room again: the same write succeeds and publishes v2.

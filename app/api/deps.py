@@ -1,7 +1,12 @@
-"""Dependencies: the service instance and bearer-token checks (constant-time)."""
+"""Dependencies: the service instance, bearer-token checks (constant-time) and the caller's identity.
+
+The identity (a digest of the bearer token, else the client's address) is what the batcher shares the worker
+between and what rate limits count; never the token itself, which stays out of memory structures and logs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Depends, Request
@@ -25,19 +30,26 @@ def _matches(token: str, candidates: list[str]) -> bool:
     return found
 
 
+def _identity(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is not None:
+        return "token:" + hashlib.sha256(credentials.credentials.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
+
+
 def require_client(
+    request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     service: ScoringService = Depends(get_service),
-) -> None:
-    """Scoring needs a client (or the admin) token when SAFT_API_TOKENS is set."""
+) -> str:
+    """Scoring needs a client (or the admin) token when SAFT_API_TOKENS is set; returns the caller's identity."""
     settings = service.settings
-    if not settings.api_tokens:
-        return
-    if credentials is None:
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    allowed = settings.api_tokens + ([settings.admin_token] if settings.admin_token else [])
-    if not _matches(credentials.credentials, allowed):
-        raise Unauthorized("unknown bearer token")
+    if settings.api_tokens:
+        if credentials is None:
+            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        allowed = settings.api_tokens + ([settings.admin_token] if settings.admin_token else [])
+        if not _matches(credentials.credentials, allowed):
+            raise Unauthorized("unknown bearer token")
+    return _identity(request, credentials)
 
 
 def require_admin(

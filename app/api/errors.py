@@ -12,11 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException
 
-from app.artifacts import ArtifactError
+from app.artifacts import ArtifactError, CorruptVersion, StoreWriteError
 from app.batching import BatcherClosed, QueueFull
-from app.embedding import EmbeddingError
+from app.embedding import EmbeddingError, ModelFault
 from app.items import ItemError
 from app.quality import ThresholdError
+from app.ratelimit import RateLimited
 from app.service import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
 from app.subspace import FitError
 
@@ -48,6 +49,7 @@ class Forbidden(PermissionError):
 
 
 TABLE: list[tuple[type[BaseException], int, str]] = [
+    (RateLimited, 429, "rate_limited"),
     (QueueFull, 429, "overloaded"),
     (PayloadTooLarge, 413, "too_large"),
     (BodyTimeout, 408, "timeout"),
@@ -63,6 +65,10 @@ TABLE: list[tuple[type[BaseException], int, str]] = [
     (NotFound, 404, "not_found"),
     (Unauthorized, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
+    # Server faults before the input faults they subclass: the store or the model failed, not the request.
+    (StoreWriteError, 507, "storage_error"),
+    (CorruptVersion, 500, "storage_error"),
+    (ModelFault, 424, "model_error"),
     (ArtifactError, 422, "invalid_input"),
     (EmbeddingError, 422, "invalid_input"),
 ]
@@ -122,6 +128,8 @@ def install(app: FastAPI) -> None:
     async def _any(request: Request, exc: Exception) -> ORJSONResponse:
         if not isinstance(exc, known):
             log.exception("unhandled error on %s %s", request.method, request.url.path)
+        elif status_of(exc)[0] >= 500 or status_of(exc)[0] == 424:  # a server fault: the operator needs the detail
+            log.error("server fault on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return error_response(exc)
 
     for exc_type in known:

@@ -38,15 +38,17 @@ def _result(r: Scored) -> ModerationResult:
 
 @router.post("/v1/moderations", response_model=ModerationResponse,
              summary="OpenAI-compatible moderation: one result per input, category 'harmful'")
-async def moderations(body: ModerationRequest, service: ScoringService = Depends(get_service)) -> ModerationResponse:
+async def moderations(body: ModerationRequest, service: ScoringService = Depends(get_service),
+                      caller: str = Depends(require_client)) -> ModerationResponse:
     items = body.to_items()
     limit = service.settings.max_items_per_request
     if len(items) > limit:
         raise PayloadTooLarge(f"input: {len(items)} inputs exceed the limit of {limit} per request")
     for i, item in enumerate(items):
         service.check_size(item, f"input[{i}]")
+    service.check_rate(caller, len(items))
     snapshot = service.snapshot_for(body.model)
-    results = await service.score(items, snapshot, None)
+    results = await service.score(items, snapshot, None, caller=caller)
     m = snapshot.manifest
     return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=body.model or f"{m.name}@{m.version}",
                               results=[_result(r) for r in results])

@@ -194,7 +194,8 @@ def _ref(snapshot: ActiveSubspace, threshold: float | None) -> SubspaceRef:
 
 
 @router.post("/score", response_model=ScoreResponse, summary="Score items: a score and a keep/drop verdict each")
-async def score(body: ScoreRequest, service: ScoringService = Depends(get_service)) -> ScoreResponse:
+async def score(body: ScoreRequest, service: ScoringService = Depends(get_service),
+                caller: str = Depends(require_client)) -> ScoreResponse:
     limit = service.settings.max_items_per_request
     samples = [it.sample for it in body.items]
     items = [item for sample in samples for item in sample.items]  # a preference item is its two sides
@@ -204,8 +205,9 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
     for i, sample in enumerate(samples):
         for item in sample.items:
             service.check_size(item, f"items[{i}]")
+    service.check_rate(caller, len(items))
     snapshot = service.snapshot()
-    results = merge_sides(samples, await service.score(items, snapshot, body.threshold))
+    results = merge_sides(samples, await service.score(items, snapshot, body.threshold, caller=caller))
     return ScoreResponse(
         results=[ItemResult(id=it.id, score=r.score, verdict=r.verdict, threshold=r.threshold, truncated=r.truncated,
                             n_tokens=r.n_tokens, probability=r.probability, sides=side_records(r) or None)
@@ -262,8 +264,10 @@ async def filter_stream(
     start_line: int = Query(1, ge=1, description="Resume an interrupted stream: send the same upload again with the last line "
                             "received + 1; the lines before it are counted (summary: skipped), not scored, not emitted again."),
     service: ScoringService = Depends(get_service),
+    caller: str = Depends(require_client),
 ) -> Response:
     settings = service.settings
+    service.check_rate(caller)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise PayloadTooLarge(f"body: {declared} bytes exceed the upload limit of {settings.max_upload_bytes} bytes")
@@ -294,7 +298,7 @@ async def filter_stream(
                     errors[line.number] = str(err)
             # A stream cannot answer 429 halfway: it stands in line for capacity, ahead of later callers.
             items = [item for line in valid for item in line.items]
-            scored = merge_sides(valid, await service.score(items, snapshot, threshold, wait=True)) if valid else []
+            scored = merge_sides(valid, await service.score(items, snapshot, threshold, wait=True, caller=caller)) if valid else []
             by_number = {line.number: s for line, s in zip(valid, scored, strict=True)}
             for line in pending:
                 counts["total"] += 1

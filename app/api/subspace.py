@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from app.anchoring import Activation
 from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
-from app.artifacts import ArtifactError, check_version, scratch_prefix
+from app.artifacts import ArtifactError, CorruptVersion, check_version, scratch_prefix
 from app.embedding import EmbeddingConfig
 from app.pipeline import DEFAULT_FIT_EMBEDDING, FitOptions
 from app.quality import ThresholdPolicy
@@ -28,6 +28,8 @@ router = APIRouter(prefix="/subspace", tags=["subspace"])
 async def _info(service: ScoringService, version: str) -> SubspaceInfo:
     try:
         manifest = await service.manifest(check_version(version))
+    except CorruptVersion:
+        raise  # the store's fault (500), not a missing version
     except ArtifactError as err:
         raise NotFound(str(err)) from None
     current = service.registry.current
