@@ -189,7 +189,13 @@ def test_clients_that_leave_or_stall_free_everything(tmp_path: Path, embedder: E
             assert s.recv(65536).startswith(b"HTTP/1.1 408") and s.recv(10) == b""
         time.sleep(3)
         assert httpx.get(f"{url}/readyz").json()["queue_depth"] == 0
-        assert open_fds(proc.pid) <= baseline, sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+        # A leaked descriptor stays; one whose close lags under load (a socket the kernel is still tearing down, seen
+        # once in a full suite run) goes within seconds: wait for it, then name what is still open.
+        deadline = time.monotonic() + 15
+        while open_fds(proc.pid) > baseline and time.monotonic() < deadline:
+            time.sleep(0.5)
+        fds = {fd: os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+        assert open_fds(proc.pid) <= baseline, fds
         assert list(spool.iterdir()) == []  # no refit upload or spool file left
     finally:
         stop_server(proc)
