@@ -194,8 +194,7 @@ def test_clients_that_leave_or_stall_free_everything(tmp_path: Path, embedder: E
         deadline = time.monotonic() + 15
         while open_fds(proc.pid) > baseline and time.monotonic() < deadline:
             time.sleep(0.5)
-        fds = {fd: os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
-        assert open_fds(proc.pid) <= baseline, fds
+        assert open_fds(proc.pid) <= baseline, {fd: os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
         assert list(spool.iterdir()) == []  # no refit upload or spool file left
     finally:
         stop_server(proc)
