@@ -193,7 +193,7 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def saft_server(env: dict[str, str], log_dir: Path | None = None) -> Iterator[str]:
     """A real ``saft serve`` on loopback (the tests' launcher) with ``SERVICE_ENV`` plus ``env``."""
-    from tests.server import running_server
+    from app.launcher import running_server
 
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="saft-bench-"))
     with running_server({**SERVICE_ENV, **env}, log_dir / "server.log", timeout_s=600) as base:

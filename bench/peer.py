@@ -59,7 +59,7 @@ def fit_encoder_subspace(models_dir: Path, lines: int) -> dict[str, Any]:
 @contextmanager
 def infinity_server(venv: Path, batch_size: int, log_dir: Path) -> Iterator[str]:
     """``infinity_emb v2`` on loopback, offline, CPU, fp32, the encoder from its local directory."""
-    from tests.server import free_port, stop_server, wait_healthy
+    from app.launcher import free_port, stop_server, wait_healthy
 
     exe = venv / "bin" / "infinity_emb"
     if not exe.is_file():

@@ -148,7 +148,7 @@ def main() -> None:
     else:
         import tempfile
 
-        from tests.server import start_server, stop_server
+        from app.launcher import start_server, stop_server
 
         log = Path(tempfile.mkdtemp(prefix="saft-soak-")) / "server.log"
         proc, url = start_server(SERVER_ENV, log)

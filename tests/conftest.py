@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-from pathlib import Path
 
 import pytest
 
-from app.config import PROJECT_ROOT
 from app.embedding import EMBEDDED_DECODER, EMBEDDED_ENCODER, Embedder
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.support import DATA_DIR
 
 
 def _sample(name: str, per_group: int, seed: int = 0) -> list[dict]:
@@ -49,18 +45,3 @@ def embedder() -> Embedder:
 @pytest.fixture(scope="session")
 def encoder() -> Embedder:
     return Embedder.load(EMBEDDED_ENCODER)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    with path.open("w") as fh:
-        for row in rows:
-            fh.write(row if isinstance(row, str) else json.dumps(row))
-            fh.write("\n")
-    return path
-
-
-def install_default_v1(models: Path) -> Path:
-    """A models dir holding only the committed ``default/v1``, active: the fleet tests count versions from it."""
-    shutil.copytree(PROJECT_ROOT / "models" / "default" / "v1", models / "default" / "v1")
-    (models / "default" / "ACTIVE").write_text("v1\n")
-    return models

@@ -11,32 +11,20 @@ import httpx
 import numpy as np
 import pytest
 
-from app.artifacts import save_version
-from app.embedding import Embedder, EmbeddingConfig
+from app.embedding import Embedder
 from app.items import parse_item
-from app.pipeline import FitOptions, fit_lines, parse_line, score_encoded
-from app.quality import ThresholdPolicy
+from app.launcher import running_server
+from app.pipeline import score_encoded
 from app.registry import ActiveSubspace
-from tests.server import running_server
+from tests.support import fit_active, metric_value, wait_job
 
 CLIENT, ADMIN = "client-token-1", "admin-token-1"
 C = {"Authorization": f"Bearer {CLIENT}"}
 A = {"Authorization": f"Bearer {ADMIN}"}
-OPTIONS = FitOptions(EmbeddingConfig(layers=(8,), pooling="response", max_length=128), method="lda", center="kind",
-                     shrinkage=0.5, policy=ThresholdPolicy("max_f1"))
-
-
-def _fit(embedder: Embedder, rows: list[dict], models: Path) -> ActiveSubspace:
-    lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(rows)]
-    result = fit_lines(embedder, lines, OPTIONS, name="apitest", calibration_digest="test")
-    manifest = save_version(models, result.subspace, result.manifest)
-    return ActiveSubspace(result.subspace, manifest)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, calibration_rows: list[dict]):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("api")
-    snapshot = _fit(embedder, calibration_rows, root / "models")
+    snapshot = fit_active(embedder, calibration_rows, root / "models")
     env = {"SAFT_MODELS_DIR": str(root / "models"), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_API_TOKENS": CLIENT,
            "SAFT_ADMIN_TOKEN": ADMIN, "SAFT_MAX_ITEMS_PER_REQUEST": "64", "SAFT_MAX_CHARS_PER_ITEM": "20000",
            "SAFT_MAX_BODY_BYTES": str(2 * 2**20), "SAFT_FILTER_CHUNK_LINES": "8"}
@@ -318,13 +306,7 @@ def _run_refit(url: str, query: str, rows: list[dict]) -> dict:
     upload = "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
     r = httpx.post(f"{url}/subspace/refit?{query}", content=upload, headers=A)
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/subspace/jobs/{r.json()['job_id']}", headers=C).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError("refit did not finish")
+    return wait_job(url, r.json()["job_id"], C)
 
 
 def test_unlabeled_refit_anchors_on_the_active_version(served, dev_rows: list[dict]) -> None:
@@ -370,7 +352,7 @@ def test_guard_holds_back_the_papers_unlabeled_refit_on_mixed_data(served, dev_r
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict]) -> None:
-    _fit(embedder, calibration_rows, tmp_path / "models")
+    fit_active(embedder, calibration_rows, tmp_path / "models")
     env = {"SAFT_MODELS_DIR": str(tmp_path / "models"), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_MAX_QUEUE": "8", "SAFT_FILTER_CHUNK_LINES": "8",
            "SAFT_MAX_BATCH_SIZE": "2", "SAFT_MAX_ITEMS_PER_REQUEST": "8"}
     long_text = "Tell me a long story about the sea and its sailors. " * 12
@@ -395,10 +377,7 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path, embedder: Embed
 
 
 def _items_scored(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("saft_items_scored_total "):
-            return float(line.split()[1])
-    return 0.0
+    return metric_value(httpx.get(f"{url}/metrics").text, "saft_items_scored_total")
 
 
 def test_client_disconnect_stops_filter_work(served, dev_rows: list[dict]) -> None:
@@ -428,7 +407,7 @@ def test_cli_scores_through_the_service(served, tmp_path: Path, dev_rows: list[d
     from typer.testing import CliRunner
 
     from app.cli import app
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     url, _snapshot, _ = served
     data = write_jsonl(tmp_path / "in.jsonl", [json.dumps(r) for r in dev_rows[:5]] + ['{"text": ""}'])
@@ -449,9 +428,9 @@ def test_graceful_shutdown_drains_in_flight_requests(tmp_path: Path, embedder: E
     import sys
     import threading
 
-    from tests.server import free_port
+    from app.launcher import free_port
 
-    _fit(embedder, calibration_rows, tmp_path / "models")
+    fit_active(embedder, calibration_rows, tmp_path / "models")
     port = free_port()
     env = {**__import__("os").environ, "SAFT_MODELS_DIR": str(tmp_path / "models"), "SAFT_SUBSPACE_NAME": "apitest",
            "SAFT_PORT": str(port), "SAFT_MAX_BATCH_SIZE": "2"}

@@ -23,26 +23,13 @@ from app.artifacts import (
 )
 from app.config import PROJECT_ROOT
 from app.embedding import Embedder, EmbeddingConfig
-from app.quality import ThresholdPolicy
 from app.subspace import Subspace
-
-
-def _fitted(seed: int = 0) -> tuple[Subspace, np.ndarray]:
-    X = np.random.default_rng(seed).normal(size=(50, 16)).astype(np.float32)
-    return Subspace(k=2).fit(X, ["text"] * 25 + ["pair"] * 25), X
-
-
-def _manifest(digest: str = "0" * 64) -> Manifest:
-    return Manifest(
-        name="demo", model_id="smollm2-135m-instruct", weights_digest=digest, embedding=EmbeddingConfig(layers=(3,)),
-        method="saft", k=2, center="global", standardize=True, shrinkage=0.1, signed=False, kinds=["pair", "text"],
-        threshold=1.5, threshold_policy=ThresholdPolicy("drop_rate", 0.1), calibration={"sha256": "x", "n_samples": 50},
-    )
+from tests.support import demo_manifest, random_subspace
 
 
 def test_roundtrip_scores_identically(tmp_path: Path) -> None:
-    sub, X = _fitted()
-    saved = save_version(tmp_path, sub, _manifest())
+    sub, X = random_subspace()
+    saved = save_version(tmp_path, sub, demo_manifest())
     loaded, manifest = load_version(tmp_path, "demo")
     assert manifest.version == saved.version == "v1"
     assert manifest.threshold == 1.5 and manifest.embedding == EmbeddingConfig(layers=(3,))
@@ -54,9 +41,9 @@ def test_roundtrip_scores_identically(tmp_path: Path) -> None:
 
 
 def test_versions_increment_and_rollback(tmp_path: Path) -> None:
-    save_version(tmp_path, _fitted(0)[0], _manifest())
-    save_version(tmp_path, _fitted(1)[0], _manifest())
-    third = save_version(tmp_path, _fitted(2)[0], _manifest(), activate=False)
+    save_version(tmp_path, random_subspace(0)[0], demo_manifest())
+    save_version(tmp_path, random_subspace(1)[0], demo_manifest())
+    third = save_version(tmp_path, random_subspace(2)[0], demo_manifest(), activate=False)
     assert list_versions(tmp_path, "demo") == ["v1", "v2", "v3"]
     assert third.version == "v3" and active_version(tmp_path, "demo") == "v2"
     set_active(tmp_path, "demo", "v1")
@@ -79,7 +66,7 @@ def test_bad_versions_are_refused(tmp_path: Path, version: str) -> None:
 
 
 def test_mismatched_model_is_refused(tmp_path: Path, embedder: Embedder) -> None:
-    manifest = _manifest()
+    manifest = demo_manifest()
     with pytest.raises(ArtifactError, match="refit it for this model"):
         check_compatible(manifest, embedder)
     manifest.weights_digest = embedder.weights_digest
@@ -89,13 +76,13 @@ def test_mismatched_model_is_refused(tmp_path: Path, embedder: Embedder) -> None
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     sub = Subspace(k=1)  # not fitted: writing its tensors fails midway
     with pytest.raises(AttributeError):
-        save_version(tmp_path, sub, _manifest())
+        save_version(tmp_path, sub, demo_manifest())
     assert list_versions(tmp_path, "demo") == []
     assert not list((tmp_path / "demo").iterdir())
 
 
 def test_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
-    save_version(tmp_path, _fitted()[0], _manifest())
+    save_version(tmp_path, random_subspace()[0], demo_manifest())
     path = tmp_path / "demo" / "v1" / "manifest.json"
     data = json.loads(path.read_text())
     del data["threshold"]
@@ -106,14 +93,14 @@ def test_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_rendered_version_installs_atomically_once_and_is_immutable(tmp_path: Path) -> None:
     """What a fleet publishes (bytes numbered under its lock) installs on any replica's disk as the same version."""
-    sub, X = _fitted()
-    files = render_version(sub, _manifest(), "v7")
+    sub, X = random_subspace()
+    files = render_version(sub, demo_manifest(), "v7")
     assert install_version(tmp_path, "demo", "v7", files) is True
     assert install_version(tmp_path, "demo", "v7", files) is False  # idempotent: a replica may hear it twice
     assert version_files(tmp_path, "demo", "v7") == files
     loaded, manifest = load_version(tmp_path, "demo", "v7")
     assert manifest.version == "v7" and np.array_equal(loaded.score_samples(X), sub.score_samples(X))
-    other = render_version(_fitted(seed=1)[0], _manifest(), "v7")
+    other = render_version(random_subspace(seed=1)[0], demo_manifest(), "v7")
     with pytest.raises(ArtifactError, match="immutable"):
         install_version(tmp_path, "demo", "v7", other)
     assert version_files(tmp_path, "demo", "v7") == files  # untouched
@@ -123,13 +110,13 @@ def test_rendered_version_installs_atomically_once_and_is_immutable(tmp_path: Pa
         install_version(tmp_path, "demo", "v9", {"manifest.json": files["manifest.json"]})
     assert list_versions(tmp_path, "demo") == ["v7"]
     assert [p.name for p in (tmp_path / "demo").iterdir()] == ["v7"]  # no temp dirs left behind
-    save_version(tmp_path, sub, _manifest())
+    save_version(tmp_path, sub, demo_manifest())
     assert list_versions(tmp_path, "demo") == ["v7", "v8"]  # local numbering continues above installed versions
 
 
 def test_per_kind_thresholds_and_fit_parameters_round_trip_and_old_manifests_still_load(tmp_path: Path) -> None:
-    sub, _X = _fitted()
-    manifest = _manifest()
+    sub, _X = random_subspace()
+    manifest = demo_manifest()
     manifest.thresholds, manifest.balance, manifest.nuisance = {"text": 0.5, "pair": 2.5}, "source", 3
     save_version(tmp_path, sub, manifest)
     loaded, back = load_version(tmp_path, "demo")
@@ -153,9 +140,9 @@ def test_store_faults_are_server_faults_and_say_nothing_changed(tmp_path: Path) 
     root = tmp_path / "models"
     root.write_text("not a directory")
     with pytest.raises(StoreWriteError, match="nothing was published"):
-        save_version(root, _fitted()[0], _manifest())
+        save_version(root, random_subspace()[0], demo_manifest())
     good = tmp_path / "store"
-    saved = save_version(good, _fitted()[0], _manifest())
+    saved = save_version(good, random_subspace()[0], demo_manifest())
     (good / "demo" / saved.version / "subspace.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(CorruptVersion, match="cannot be read"):
         load_version(good, "demo", saved.version)

@@ -24,13 +24,12 @@ from app.calibration import (
 from app.config import PROJECT_ROOT
 from app.embedding import Embedder
 from app.items import parse_item
+from app.launcher import running_server
 from app.pipeline import direct_embed, filter_record, fit_lines, line_record, parse_line, score_encoded
 from app.quality import ThresholdPolicy
 from app.registry import ActiveSubspace
 from app.report import write_report
-from tests.server import running_server
-from tests.test_api import OPTIONS
-from tests.test_artifacts import _fitted, _manifest
+from tests.support import FAST_OPTIONS, demo_manifest, random_subspace
 
 CLIENT = "client-token-cal"
 C = {"Authorization": f"Bearer {CLIENT}"}
@@ -165,10 +164,10 @@ def test_manifests_without_probability_still_load_and_round_trip(tmp_path: Path)
     assert Manifest.from_json(json.loads(json.dumps(calibrated.to_json()))).probability == calibrated.probability
     assert calibrated.to_json()["probability"]["default"]["a"] == 2.0
     # A version whose calibration this build cannot apply is refused when it loads, not at every request.
-    subspace, _ = _fitted()
-    good = save_version(tmp_path, subspace, replace(_manifest(), probability=calibrated.probability))
+    subspace, _ = random_subspace()
+    good = save_version(tmp_path, subspace, replace(demo_manifest(), probability=calibrated.probability))
     assert load_version(tmp_path, "demo", good.version)[1].probability == calibrated.probability
-    bad = save_version(tmp_path, subspace, replace(_manifest(), probability={"method": "isotonic", "x": [0.0], "y": [0.5]}))
+    bad = save_version(tmp_path, subspace, replace(demo_manifest(), probability={"method": "isotonic", "x": [0.0], "y": [0.5]}))
     with pytest.raises(ArtifactError, match=r"demo/v2: probability.method: 'isotonic' is not one this build applies"):
         load_version(tmp_path, "demo", bad.version)
 
@@ -188,10 +187,10 @@ def fitted(embedder: Embedder, calibration_rows: list[dict]):  # type: ignore[no
         return [e for e, _ in pairs], np.stack([v for _, v in pairs])
 
     lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(calibration_rows)]
-    labelled = fit_lines(embedder, lines, replace(OPTIONS, cross_fit="none"), name="caltest", calibration_digest="test", embed=embed)
+    labelled = fit_lines(embedder, lines, replace(FAST_OPTIONS, cross_fit="none"), name="caltest", calibration_digest="test", embed=embed)
     unlabelled_rows = [{k: v for k, v in r.items() if k != "label"} for r in calibration_rows]
     unlabelled = fit_lines(embedder, [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(unlabelled_rows)],
-                           replace(OPTIONS, method="saft", policy=ThresholdPolicy("drop_rate", 0.1)),
+                           replace(FAST_OPTIONS, method="saft", policy=ThresholdPolicy("drop_rate", 0.1)),
                            name="caltest", calibration_digest="test", embed=embed)
     return labelled, unlabelled, embed
 
@@ -284,7 +283,7 @@ def test_score_and_filter_return_the_probability(served, fitted, dev_rows: list[
 def test_a_cross_fitted_fit_sets_tau_and_probability_on_source_held_out_scores(fitted, embedder, calibration_rows: list[dict]) -> None:
     in_sample, _, embed = fitted
     lines = [parse_line(i + 1, json.dumps(r)) for i, r in enumerate(calibration_rows)]
-    crossed = fit_lines(embedder, lines, replace(OPTIONS, cross_fit="source"), name="caltest", calibration_digest="test", embed=embed)
+    crossed = fit_lines(embedder, lines, replace(FAST_OPTIONS, cross_fit="source"), name="caltest", calibration_digest="test", embed=embed)
     m, m0 = crossed.manifest, in_sample.manifest
     # The same direction (the fit itself does not change), but τ and the probability map from held-out scores.
     np.testing.assert_allclose(crossed.subspace.components_, in_sample.subspace.components_, rtol=1e-6)

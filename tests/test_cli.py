@@ -12,7 +12,7 @@ from app.artifacts import list_versions, load_version
 from app.cli import app
 from app.config import get_settings
 from app.pipeline import FitOptions
-from tests.conftest import write_jsonl
+from tests.support import write_jsonl
 
 runner = CliRunner()
 

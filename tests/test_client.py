@@ -41,8 +41,8 @@ from saft_filter_client import (
 from app import schemas
 from app.config import PROJECT_ROOT
 from app.embedding import Embedder
-from tests.server import free_port, running_server
-from tests.test_api import _fit
+from app.launcher import free_port, running_server
+from tests.support import fit_active
 
 CLIENT = "client-token-client"
 C = {"Authorization": f"Bearer {CLIENT}"}
@@ -56,7 +56,7 @@ MODEL_STACK = {"torch", "transformers", "numpy", "app", "fastapi", "starlette", 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, calibration_rows: list[dict]) -> Iterator[str]:
     root = tmp_path_factory.mktemp("client")
-    _fit(embedder, calibration_rows, root / "models")  # apitest/v1, calibrated
+    fit_active(embedder, calibration_rows, root / "models")  # apitest/v1, calibrated
     with running_server({**ENV, "SAFT_MODELS_DIR": str(root / "models")}, root / "server.log") as url:
         yield url
 
@@ -365,7 +365,7 @@ def test_cli_url_mode_reports_an_oversized_line_and_scores_the_rest(served: str,
     from typer.testing import CliRunner
 
     from app.cli import app
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     data = write_jsonl(tmp_path / "in.jsonl", [*items[:3], {"id": "big", "text": "word " * 700}, *items[3:6]])
     out = tmp_path / "out.jsonl"

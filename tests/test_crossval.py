@@ -15,7 +15,7 @@ from app.embedstore import EmbeddingFile, EmbeddingFileError
 from app.pipeline import FitOptions
 from app.quality import ThresholdPolicy, choose_thresholds
 from app.subspace import FitError, MomentAccumulator, Subspace
-from tests.conftest import DATA_DIR, write_jsonl
+from tests.support import DATA_DIR, write_jsonl
 
 
 def _synthetic(seed: int = 0) -> EmbeddedPool:

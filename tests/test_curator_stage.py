@@ -18,7 +18,7 @@ from nemo_curator.tasks import DocumentBatch
 from app.integrations.curator_stage import SaftScore, keep
 from app.integrations.local import VERDICT_FIELDS
 from app.items import ItemError
-from tests.pipeline_rows import readme_example, saft_filter_reference, write_data
+from tests.support import readme_example, saft_filter_reference, write_data
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a model in its actor
 

@@ -16,7 +16,7 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from app.integrations.datatrove_filter import SaftFilter, document_row, row_adapter
 from app.items import ItemError, parse_sample
-from tests.pipeline_rows import readme_example, saft_filter_reference, write_data
+from tests.support import readme_example, saft_filter_reference, write_data
 
 
 def _documents(folder: Path) -> list[dict[str, Any]]:

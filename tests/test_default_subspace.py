@@ -10,7 +10,7 @@ from app.config import PROJECT_ROOT
 from app.embedding import Embedder
 from app.items import parse_item
 from app.pipeline import FitOptions, direct_embed, score_encoded
-from tests.conftest import DATA_DIR
+from tests.support import DATA_DIR
 
 
 def test_default_subspace_is_compatible_and_detects_harm(embedder: Embedder, dev_rows: list[dict]) -> None:

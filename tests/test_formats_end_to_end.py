@@ -24,10 +24,10 @@ from app.artifacts import load_version, save_version
 from app.cli import app
 from app.config import get_settings
 from app.embedding import Embedder, EmbeddingConfig
+from app.launcher import running_server
 from app.pipeline import ONE_SAMPLE_PER_LINE, FitOptions, fit_lines, parse_line
 from app.quality import ThresholdPolicy
-from tests.conftest import DATA_DIR
-from tests.server import running_server
+from tests.support import DATA_DIR
 
 runner = CliRunner()
 OPTIONS = FitOptions(EmbeddingConfig(layers=(8,), pooling="response", max_length=128), method="lda", center="kind",

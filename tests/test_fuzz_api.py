@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given
 from schemathesis import GenerationMode
 
 from app.embedding import Embedder
-from tests.server import running_server
-from tests.test_api import _fit
+from app.launcher import running_server
+from tests.support import fit_active
 
 CLIENT, ADMIN = "client-token-z", "admin-token-z"
 C = {"Authorization": f"Bearer {CLIENT}"}
@@ -32,7 +32,7 @@ UNFUZZABLE_NEGATIVE = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /subs
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, calibration_rows: list[dict]):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("fuzz")
-    _fit(embedder, calibration_rows, root / "models")
+    fit_active(embedder, calibration_rows, root / "models")
     outside = root / "outside"  # a valid-looking version outside models/, reachable only through a symlink
     outside.mkdir()
     for f in ("manifest.json", "subspace.safetensors"):

@@ -25,8 +25,8 @@ from app import __version__
 from app.artifacts import save_version
 from app.config import Settings
 from app.embedding import Embedder
-from tests.server import running_server
-from tests.test_api import _fit
+from app.launcher import running_server
+from tests.support import fit_active, metric_value
 
 CLIENT, ADMIN = "client-token-mod", "admin-token-mod"
 C = {"Authorization": f"Bearer {CLIENT}"}
@@ -43,7 +43,7 @@ TEXTS = ["How do I bake sourdough bread at home?", "Write a short poem about the
 def served(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder,  # type: ignore[no-untyped-def]
            calibration_rows: list[dict]):
     root = tmp_path_factory.mktemp("moderations")
-    snapshot = _fit(embedder, calibration_rows, root / "models")  # apitest/v1, labelled: calibrated
+    snapshot = fit_active(embedder, calibration_rows, root / "models")  # apitest/v1, labelled: calibrated
     # v2: the same subspace as a version without a calibration (as every version before it), not active.
     save_version(root / "models", snapshot.subspace, replace(snapshot.manifest, probability=None), activate=False)
     with running_server({**ENV, "SAFT_MODELS_DIR": str(root / "models")}, root / "server.log") as url:
@@ -137,19 +137,15 @@ def test_same_auth_and_limits_as_score(served) -> None:
     assert r.status_code == 413 and "limit of 2097152 bytes" in r.json()["error"]
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
-
-
 def test_moderations_share_the_scoring_metrics(served) -> None:
     url, _ = served
     before = httpx.get(f"{url}/metrics").text
     texts = [f"Tell me a fact about the number {i}." for i in range(5)]
     assert httpx.post(f"{url}/v1/moderations", json={"input": texts}, headers=C, timeout=300).status_code == 200
     after = httpx.get(f"{url}/metrics").text
-    assert _metric(after, "saft_items_scored_total") - _metric(before, "saft_items_scored_total") == 5
-    assert _metric(after, "saft_verdicts_total") - _metric(before, "saft_verdicts_total") == 5
-    assert _metric(after, "saft_cache_misses_total") - _metric(before, "saft_cache_misses_total") == 5  # through the batcher
+    assert metric_value(after, "saft_items_scored_total") - metric_value(before, "saft_items_scored_total") == 5
+    assert metric_value(after, "saft_verdicts_total") - metric_value(before, "saft_verdicts_total") == 5
+    assert metric_value(after, "saft_cache_misses_total") - metric_value(before, "saft_cache_misses_total") == 5  # through the batcher
     labels = ('route="/v1/moderations"', 'method="POST"', 'status="200"')
     assert any(line.startswith("saft_requests_total{") and all(f in line for f in labels) for line in after.splitlines())
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
-from tests.conftest import write_jsonl
+from tests.support import write_jsonl
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -14,7 +14,7 @@ import pytest
 from app.cache import CachedEmbedding, EmbeddingCache, cache_key
 from app.embedding import EmbeddingConfig
 from app.fleet import MANIFEST, TENSORS, Fleet, FleetUnavailable, LockLost, RefitLocked, VersionConflict
-from tests.redis_server import RedisServer
+from tests.support import RedisServer
 
 
 @pytest.fixture()

@@ -10,20 +10,18 @@ embeddings to the other.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
 import httpx
 import pytest
 
-from tests.conftest import install_default_v1, write_jsonl
-from tests.redis_server import RedisServer
-from tests.server import start_server, stop_server
+from app.launcher import start_server, stop_server
+from tests.support import RedisServer, install_default_v1, metric_value, wait_for, wait_job, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -64,31 +62,8 @@ class Replica:
     def ready(self) -> dict:
         return self.get("/readyz").json()
 
-    def metric(self, name: str, labels: str = "") -> float:
-        pattern = re.compile(rf"^{name}{re.escape(labels)} (\S+)$", re.MULTILINE)
-        found = pattern.search(self.get("/metrics").text)
-        return float(found.group(1)) if found else 0.0
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
-def wait_job(replica: Replica, job_id: str, timeout_s: float = 600) -> dict:
-    state: dict = {}
-
-    def done() -> bool:
-        nonlocal state
-        state = replica.get(f"/subspace/jobs/{job_id}").json()
-        return state["status"] in ("succeeded", "failed")
-
-    wait_for(done, timeout_s, f"job {job_id} finished")
-    return state
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return metric_value(self.get("/metrics").text, name, labels)
 
 
 @pytest.fixture()
@@ -163,7 +138,7 @@ def test_two_replicas_follow_refit_rollback_and_survive_redis_outages(
     assert clash.status_code == 409 and job_id in clash.json()["error"]
     seen_from_b = b.get(f"/subspace/jobs/{job_id}").json()
     assert seen_from_b["replica"] == "a" and seen_from_b["status"] in ("queued", "running", "succeeded")
-    state = wait_job(b, job_id)
+    state = wait_job(b.url, job_id, {})
     assert state["status"] == "succeeded" and state["version"] == "v2", state
     followed_s = wait_for(lambda: b.active() == "v2", 5, "B serves v2")
     item = {"items": [{"id": 1, "prompt": dev_rows[0]["prompt"], "response": dev_rows[0].get("response", "ok")}]}
@@ -221,11 +196,11 @@ def test_shared_cache_and_a_replica_killed_during_refit(
     misses_before = a.metric("saft_cache_misses_total")
     first = a.post("/score", json={"items": items}).json()["results"]
     assert a.metric("saft_cache_misses_total") - misses_before == len(items) - 1
-    assert a.metric("saft_cache_hits_total", '{tier="request"}') >= 1
+    assert a.metric("saft_cache_hits_total", {"tier": "request"}) >= 1
     again = a.post("/score", json={"items": items}).json()["results"]
     assert a.metric("saft_cache_misses_total") - misses_before == len(items) - 1  # nothing embedded twice
     from_b = b.post("/score", json={"items": items}).json()["results"]
-    assert b.metric("saft_cache_hits_total", '{tier="redis"}') >= len(items) - 1  # A's embeddings, through Redis
+    assert b.metric("saft_cache_hits_total", {"tier": "redis"}) >= len(items) - 1  # A's embeddings, through Redis
     for x, y, z in zip(first, again, from_b, strict=True):  # the same vectors (to BLAS rounding of the projection)
         assert x["score"] == pytest.approx(y["score"], rel=1e-9) == pytest.approx(z["score"], rel=1e-9)
         assert x["n_tokens"] == z["n_tokens"] and x["truncated"] == z["truncated"]
@@ -240,7 +215,7 @@ def test_shared_cache_and_a_replica_killed_during_refit(
     assert a.proc is not None
     a.proc.kill()
     a.proc.wait()
-    state = wait_job(b, job_id, timeout_s=30)
+    state = wait_job(b.url, job_id, {}, timeout_s=30)
     assert state["status"] == "failed" and "stopped before the job finished" in state["error"]
     r = redis.client()
     assert r.zrange("saft:{default}:versions", 0, -1) == [b"v1"] and r.get("saft:{default}:active") == b"v1"
@@ -250,6 +225,6 @@ def test_shared_cache_and_a_replica_killed_during_refit(
     # The fleet can refit again (through B), and A restarts onto the fleet's new active version.
     job2 = b.post(REFIT, content=write_jsonl(tmp_path / "calib.jsonl", calibration_rows).read_bytes(), headers=ADMIN)
     assert job2.status_code == 202, job2.text
-    assert wait_job(b, job2.json()["job_id"])["status"] == "succeeded"
+    assert wait_job(b.url, job2.json()["job_id"], {})["status"] == "succeeded"
     a.start()
     assert a.active() == "v2" and json.loads((a.models / "default" / "v2" / "manifest.json").read_text())["version"] == "v2"

@@ -9,8 +9,7 @@ from app.config import Settings
 from app.embedding import Embedder
 from app.items import parse_item
 from app.service import RegistryUnavailable, ScoringService
-from tests.conftest import install_default_v1
-from tests.redis_server import RedisServer
+from tests.support import RedisServer, install_default_v1
 
 
 def test_starts_degraded_without_redis_and_joins_when_it_appears(embedder: Embedder, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from app.embedding import Embedder
-from tests.server import start_server, stop_server
-from tests.test_api import _fit
+from app.launcher import start_server, stop_server
+from tests.support import fit_active, wait_job
 
 ADMIN = "admin-token-f"
 A = {"Authorization": f"Bearer {ADMIN}"}
@@ -39,16 +39,6 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _wait_job(url: str, job_id: str, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/subspace/jobs/{job_id}", headers=A).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still running after {timeout_s}s")
 
 
 WRITER = textwrap.dedent("""
@@ -74,7 +64,7 @@ def _write_with_limit(models: Path, name: str, limit: int, die: bool) -> subproc
 @pytest.mark.slow
 def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict]) -> None:
     models = tmp_path / "models"
-    _fit(embedder, calibration_rows, models)
+    fit_active(embedder, calibration_rows, models)
     spool = tmp_path / "tmp"
     spool.mkdir()
     env = {"SAFT_MODELS_DIR": str(models), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_ADMIN_TOKEN": ADMIN, "TMPDIR": str(spool),
@@ -124,7 +114,7 @@ def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: E
         # A new refit can start and publishes the next version.
         r = httpx.post(f"{url}/subspace/refit?{REFIT}", content=upload[: len(upload) // 4], headers=A, timeout=60)
         assert r.status_code == 202, r.text
-        job = _wait_job(url, r.json()["job_id"])
+        job = wait_job(url, r.json()["job_id"], A)
         assert job["status"] == "succeeded" and job["version"] == "v2", job
         assert httpx.get(f"{url}/subspace/versions", headers=A).json() == {"name": "apitest", "active": "v2", "versions": ["v1", "v2"]}
     finally:
@@ -140,7 +130,7 @@ def test_kill9_during_refit_keeps_the_active_version(tmp_path: Path, embedder: E
 def test_disk_full_while_writing_is_a_clear_error_and_writes_nothing(tmp_path: Path, embedder: Embedder,
                                                                      calibration_rows: list[dict]) -> None:
     models = tmp_path / "models"
-    _fit(embedder, calibration_rows, models)
+    fit_active(embedder, calibration_rows, models)
     before = tree_digest(models)
     failed = _write_with_limit(models, "apitest", 4096, die=False)
     assert failed.returncode == 1
@@ -161,7 +151,7 @@ def test_clients_that_leave_or_stall_free_everything(tmp_path: Path, embedder: E
     import socket
 
     models = tmp_path / "models"
-    _fit(embedder, calibration_rows, models)
+    fit_active(embedder, calibration_rows, models)
     spool = tmp_path / "tmp"
     spool.mkdir()
     env = {"SAFT_MODELS_DIR": str(models), "SAFT_SUBSPACE_NAME": "apitest", "SAFT_ADMIN_TOKEN": ADMIN, "TMPDIR": str(spool),

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.launcher import start_server, stop_server
 from bench.soak import SERVER_ENV, Phase, run_phases
-from tests.server import start_server, stop_server
 
 
 @pytest.mark.slow

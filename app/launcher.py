@@ -1,4 +1,9 @@
-"""Start the real service (uvicorn, loopback, real model) in a subprocess for end-to-end tests."""
+"""Start the real service (``saft serve``: uvicorn on loopback, the real model) in a subprocess and wait for it.
+
+Owns: a free loopback port, starting ``saft serve`` with an environment, waiting for /healthz, a graceful stop.
+Used by the tests, the benchmarks and scripts alike. Must not: import the service in-process (it is a client of a
+real process) or know any route beyond /healthz.
+"""
 
 from __future__ import annotations
 
