@@ -154,6 +154,31 @@ def test_refusals_split_a_request_the_service_refused_without_naming_an_item() -
         refusals(entries, SaftError(422, "invalid_input", "threshold: Input should be a finite number"))
 
 
+def test_one_chunk_is_sent_again_around_what_the_service_refused() -> None:
+    """The split-on-refusal loop both clients drive (no I/O): a request naming an item refuses that item only and
+    sends the others again; a too-large one that names none is halved; every entry ends with one result."""
+    from saft_filter_client.chunking import ChunkRequests, entry
+    from saft_filter_client.models import ItemResult
+
+    entries = [entry(i, {"id": i, "text": f"t{i}"}, 2**20) for i in range(4)]
+    plan = ChunkRequests(entries, 1.5)
+    first = plan.next_body()
+    assert first is not None and json.loads(first) == {"items": [{"id": i, "text": f"t{i}"} for i in range(4)], "threshold": 1.5}
+    plan.refused(SaftError(422, "invalid_input", "items.2.text: too long"))
+    again = plan.next_body()
+    assert again is not None and [x["id"] for x in json.loads(again)["items"]] == [0, 1, 3]
+    plan.refused(SaftError(413, "too_large", "body: exceeds the limit"))  # names none: halves
+    sent = []
+    while (body := plan.next_body()) is not None:
+        part = [x["id"] for x in json.loads(body)["items"]]
+        sent.append(part)
+        plan.answered([ItemResult(id=i, score=0.0, verdict="keep", threshold=1.5, truncated=False, n_tokens=1) for i in part])
+    assert sorted(sent) == [[0], [1, 3]]
+    assert sorted(plan.scored) == [0, 1, 2, 3]
+    assert isinstance(plan.scored[2], ItemRefused) and plan.scored[2].error == "items.2.text: too long"
+    assert all(isinstance(plan.scored[i], ItemResult) for i in (0, 1, 3))
+
+
 def test_async_client_rides_out_the_real_queue_429s(served: str, dev_rows: list[dict], caplog: pytest.LogCaptureFixture) -> None:
     # 24 texts never scored before (a cached embedding skips the queue): 6 requests of 4 at once; the queue holds 2.
     nonce = uuid.uuid4().hex[:8]

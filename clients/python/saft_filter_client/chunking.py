@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saft_filter_client.errors import ItemRefused, SaftError
-from saft_filter_client.models import FilterError, FilterRecord, FilterSummary, ItemIn
+from saft_filter_client.models import FilterError, FilterRecord, FilterSummary, ItemIn, ItemResult
 
 #: Room kept in a request body beyond its items: ``{"items":[...],"threshold":...}``.
 _ENVELOPE_BYTES = 64
@@ -88,6 +88,42 @@ class Chunker:
 
 def score_body(entries: list[Entry], threshold: float | None) -> bytes:
     return b'{"items":[' + b",".join(e.body for e in entries) + b'],"threshold":' + dumps(threshold) + b"}"
+
+
+class ChunkRequests:
+    """One chunk's /score requests without I/O: the chunk as one request, split again on each refusal that names
+    items (or is too large and names none), until every entry has its result. Both clients drive it the same way::
+
+        plan = ChunkRequests(entries, threshold)
+        while (body := plan.next_body()) is not None:
+            try: response = send(body)
+            except SaftError as err: plan.refused(err); continue
+            plan.answered(results_of(response))
+    """
+
+    def __init__(self, entries: list[Entry], threshold: float | None) -> None:
+        self.scored: dict[int, ItemResult | ItemRefused] = {}
+        self._threshold = threshold
+        self._todo = [[e for e in entries if e.refused is None]]
+        self._part: list[Entry] = []
+
+    def next_body(self) -> bytes | None:
+        """The next request body to send, or None when every entry is answered."""
+        while self._todo:
+            self._part = self._todo.pop()
+            if self._part:
+                return score_body(self._part, self._threshold)
+        return None
+
+    def answered(self, results: list[ItemResult]) -> None:
+        """The results of the request ``next_body`` gave, in its order."""
+        self.scored.update((e.index, r) for e, r in zip(self._part, results, strict=True))
+
+    def refused(self, err: SaftError) -> None:
+        """That request's error: its named items refused, the rest sent again (an error naming none is raised)."""
+        refused, again = refusals(self._part, err)
+        self.scored.update((r.index, r) for r in refused)
+        self._todo.extend(again)
 
 
 def refusals(entries: list[Entry], err: SaftError) -> tuple[list[ItemRefused], list[list[Entry]]]:

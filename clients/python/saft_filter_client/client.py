@@ -20,6 +20,7 @@ import httpx
 
 from saft_filter_client.chunking import (
     Chunker,
+    ChunkRequests,
     Entry,
     Item,
     Row,
@@ -28,9 +29,7 @@ from saft_filter_client.chunking import (
     filter_record,
     merge_summaries,
     oversized_row,
-    refusals,
     row_line,
-    score_body,
 )
 from saft_filter_client.errors import ItemRefused, SaftError
 from saft_filter_client.models import (
@@ -192,23 +191,15 @@ class SaftClient:
                     future.cancel()
 
     def _score_chunk(self, entries: list[Entry], threshold: float | None) -> list[Scored]:
-        scored: dict[int, Scored] = {}
-        todo = [[e for e in entries if e.refused is None]]
-        while todo:
-            part = todo.pop()
-            if not part:
-                continue
+        plan = ChunkRequests(entries, threshold)
+        while (body := plan.next_body()) is not None:
             try:
-                body = score_body(part, threshold)
                 response = self._send("POST /score", partial(self._http.post, "/score", content=body, headers=_JSON))
             except SaftError as err:
-                refused, again = refusals(part, err)
-                scored.update((r.index, r) for r in refused)
-                todo.extend(again)
+                plan.refused(err)
                 continue
-            results = ScoreResponse.model_validate_json(response.content).results
-            scored.update((e.index, r) for e, r in zip(part, results, strict=True))
-        return self._config.results(entries, scored)
+            plan.answered(ScoreResponse.model_validate_json(response.content).results)
+        return self._config.results(entries, plan.scored)
 
     def moderate(self, input: str | list[Any], *, model: str | None = None) -> ModerationResponse:
         """``POST /v1/moderations`` (OpenAI's shape): ``input`` a string, strings, or parts (``{"type": "text", ...}``
@@ -340,23 +331,15 @@ class AsyncSaftClient:
             await asyncio.gather(*window, return_exceptions=True)
 
     async def _score_chunk(self, entries: list[Entry], threshold: float | None) -> list[Scored]:
-        scored: dict[int, Scored] = {}
-        todo = [[e for e in entries if e.refused is None]]
-        while todo:
-            part = todo.pop()
-            if not part:
-                continue
+        plan = ChunkRequests(entries, threshold)
+        while (body := plan.next_body()) is not None:
             try:
-                body = score_body(part, threshold)
                 response = await self._send("POST /score", partial(self._http.post, "/score", content=body, headers=_JSON))
             except SaftError as err:
-                refused, again = refusals(part, err)
-                scored.update((r.index, r) for r in refused)
-                todo.extend(again)
+                plan.refused(err)
                 continue
-            results = ScoreResponse.model_validate_json(response.content).results
-            scored.update((e.index, r) for e, r in zip(part, results, strict=True))
-        return self._config.results(entries, scored)
+            plan.answered(ScoreResponse.model_validate_json(response.content).results)
+        return self._config.results(entries, plan.scored)
 
     async def moderate(self, input: str | list[Any], *, model: str | None = None) -> ModerationResponse:
         body = self._config.moderation_body(input, model)
