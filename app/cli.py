@@ -745,7 +745,7 @@ def serve(
     import uvicorn
 
     from app.api.app import create_app
-    from app.api.protocol import http_protocol
+    from app.api.slow_clients import http_protocol
 
     settings = get_settings()
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None,

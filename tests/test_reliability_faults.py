@@ -144,6 +144,22 @@ def test_disk_full_while_writing_is_a_clear_error_and_writes_nothing(tmp_path: P
     assert (models / "apitest" / "ACTIVE").read_text() == "v2\n" and (models / "apitest" / "v2" / "manifest.json").is_file()
 
 
+def test_uvicorn_is_the_version_the_slow_client_bounds_were_written_for() -> None:
+    """app/api/slow_clients.py subclasses uvicorn's httptools protocol (not public API): the pin in pyproject.toml is
+    the version the test below runs against, and an upgrade must change the pin (and pass that test) on purpose."""
+    import tomllib
+    from importlib.metadata import version
+
+    from app.api.slow_clients import BoundedHttpToolsProtocol
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pin] = [d for d in deps if d.startswith("uvicorn")]
+    assert pin.split("==")[1] == version("uvicorn"), f"installed uvicorn {version('uvicorn')} is not the pinned {pin}"
+    hooks = ("connection_made", "on_message_begin", "on_headers_complete", "on_response_complete")
+    parent = BoundedHttpToolsProtocol.__mro__[1]
+    assert all(callable(getattr(parent, h, None)) for h in hooks), "uvicorn no longer has the hooks the bounds override"
+
+
 @pytest.mark.slow
 def test_clients_that_leave_or_stall_free_everything(tmp_path: Path, embedder: Embedder, calibration_rows: list[dict],
                                                      dev_rows: list[dict]) -> None:
