@@ -10,7 +10,6 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal, cast
 
@@ -43,6 +42,7 @@ from app.pipeline import (
     TABLE_COLUMNS,
     EmbedFn,
     FitOptions,
+    FitParams,
     Line,
     chunks,
     direct_embed,
@@ -55,7 +55,7 @@ from app.pipeline import (
     single_sample,
     table_row,
 )
-from app.quality import ThresholdError, ThresholdPolicy, grouped_quality
+from app.quality import ThresholdError, grouped_quality
 from app.report import write_report
 from app.subspace import FitError, Subspace
 
@@ -157,12 +157,17 @@ def _shapes(lines: Iterator[Line], counts: dict[str, int]) -> Iterator[Line]:
 
 def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str, k: int,
                  center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None,
-                 cross_fit: str = _FIT.cross_fit) -> FitOptions:
-    return FitOptions(
-        embedding=EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side),  # type: ignore[arg-type]  # CLI strings for Literal fields, unchecked until FitParams (issue 14 step 3)
-        method=method, k=k, center=center, standardize=standardize, shrinkage=shrinkage, balance=balance, nuisance=nuisance,
-        policy=ThresholdPolicy.parse(policy) if policy else None, cross_fit=cross_fit,
-    )
+                 cross_fit: str = _FIT.cross_fit, **more: Any) -> FitOptions:
+    """The options checked by ``FitParams`` (the refit API's model too): a bad value is a FitError naming it."""
+    return FitParams.of(layers=layers.replace(" ", ""), pooling=pooling, template=template, max_length=max_length,
+                        truncation_side=truncation_side, method=method, k=k, center=center, standardize=standardize,
+                        shrinkage=shrinkage, balance=balance, nuisance=nuisance, policy=policy, cross_fit=cross_fit,
+                        **more).options()
+
+
+def _embedding_config(layers: str, pooling: str, template: str, max_length: int, truncation_side: str) -> EmbeddingConfig:
+    return FitParams.of(layers=layers.replace(" ", ""), pooling=pooling, template=template, max_length=max_length,
+                        truncation_side=truncation_side).options().embedding
 
 
 def _read_files(paths: Sequence[Path], shape: Shape | Literal["auto"] = "auto", columns: dict[str, str] | None = None,
@@ -233,9 +238,9 @@ def fit(
     try:
         if activate not in ("auto", "always", "never"):
             raise FitError(f"--activate must be auto, always or never, got {activate!r}")
-        options = replace(_fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
-                                       shrinkage, balance, nuisance, threshold_policy, cross_fit),
-                          mode=mode, labelled_weight=labelled_weight, pseudo_weight=pseudo_weight)
+        options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
+                               shrinkage, balance, nuisance, threshold_policy, cross_fit,
+                               mode=mode, labelled_weight=labelled_weight, pseudo_weight=pseudo_weight)
         prior = None
         if active_version(settings.models_dir, name) is not None:
             prior = load_version(settings.models_dir, name)
@@ -288,7 +293,7 @@ def embed(
 ) -> None:
     """Embed every valid line once into an embedding file, for later fit / crossval / eval runs (--embeddings)."""
     try:
-        config = EmbeddingConfig(tuple(_ints(layers)), pooling, template, max_length, truncation_side)  # type: ignore[arg-type]  # CLI strings for Literal fields, unchecked until FitParams (issue 14 step 3)
+        config = _embedding_config(layers, pooling, template, max_length, truncation_side)
         embedder = _load_embedder(model)
         embed_fn, stored = _embed_fn(embedder, config, out)
         assert stored is not None

@@ -37,8 +37,8 @@ class EmbeddedPool:
 def make_subspace(options: FitOptions) -> Subspace:
     """The (unfitted) subspace ``saft fit`` would fit with these options on labelled data."""
     opts = options.resolved(labelled=True)
-    return Subspace(k=opts.k, method=opts.method, center=opts.center, standardize=opts.standardize,  # type: ignore[arg-type]  # FitOptions fields are str until FitParams (step 3)
-                    shrinkage=opts.shrinkage, balance=opts.balance, nuisance=opts.nuisance)  # type: ignore[arg-type]  # as above
+    return Subspace(k=opts.k, method=opts.method, center=opts.center, standardize=opts.standardize,  # type: ignore[arg-type]  # resolved(): "auto" is decided by now
+                    shrinkage=opts.shrinkage, balance=opts.balance, nuisance=opts.nuisance)
 
 
 def fit_subspace(options: FitOptions, X: np.ndarray, item_kinds: Sequence[str], labels: Sequence[int], sources: Sequence[str]) -> Subspace:

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.anchoring import (
     AnchorWeights,
@@ -28,11 +29,11 @@ from app.anchoring import (
 )
 from app.artifacts import Manifest
 from app.calibration import fit_calibration, probability
-from app.embedding import Embedder, EmbeddingConfig, Encoded, sha256_files
-from app.items import Item, ItemError, Sample, Shape, parse_label, parse_sample
+from app.embedding import Embedder, EmbeddingConfig, Encoded, Pooling, TruncationSide, sha256_files
+from app.items import Item, ItemError, Sample, Shape, Template, parse_label, parse_sample
 from app.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
 from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
-from app.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
+from app.subspace import Balance, Centering, FitError, FitStatistics, MomentAccumulator, Subspace
 
 log = logging.getLogger(__name__)
 
@@ -142,23 +143,23 @@ class FitOptions:
     the same embedding, τ dropping the top 10%."""
 
     embedding: EmbeddingConfig = DEFAULT_FIT_EMBEDDING
-    method: str = "auto"  # "auto": "lda" when the calibration set is labelled, else "saft"
+    method: Literal["auto", "saft", "lda"] = "auto"  # "auto": "lda" when the calibration set is labelled, else "saft"
     k: int = 1
-    center: str = "kind"
+    center: Centering = "kind"
     standardize: bool = True
     shrinkage: float = 0.5
-    balance: str = "source"
+    balance: Balance = "source"
     nuisance: int = 0
     policy: ThresholdPolicy | None = None  # None: fpr:0.05 with labels, drop_rate:0.1 without
     #: "source": with labels and at least two sources, τ and the probability map are chosen on source-held-out
     #: scores (each source scored by a fit without it, ``app.crossval``), so they hold on sources the fit never
     #: saw; in-sample scores would set τ too low for new data. "none": on the fit's own (in-sample) scores.
-    cross_fit: str = "source"
+    cross_fit: Literal["none", "source"] = "source"
     #: With a prior (the active version, when it stores its calibration statistics and uses the same embedding):
     #: "combine" adds the upload to what the prior was fitted on — labelled lines as ``labelled_weight`` sources,
     #: unlabeled ones labelled by the prior's verdicts as ``pseudo_weight`` sources (``app.anchoring``) — and carries
     #: its τ and P(harmful) over; "replace" fits on the upload alone (unlabeled: the paper's SAFT score).
-    mode: str = "combine"
+    mode: Literal["combine", "replace"] = "combine"
     labelled_weight: float = 16.0
     pseudo_weight: float = 0.1
 
@@ -167,6 +168,71 @@ class FitOptions:
         method = self.method if self.method != "auto" else ("lda" if labelled else "saft")
         policy = self.policy or (ThresholdPolicy("fpr", 0.05) if labelled else ThresholdPolicy("drop_rate", 0.1))
         return replace(self, method=method, policy=policy)
+
+
+_FIT = FitOptions()
+
+
+class FitParams(BaseModel):
+    """Every fit parameter as a caller gives it — ``saft fit`` / ``saft crossval``'s options and ``POST
+    /subspace/refit``'s query string — with its type, bounds and description in one place; the defaults are
+    ``FitOptions``'. ``options()`` is the ``FitOptions`` a fit runs with. Unknown names are refused (a misspelt
+    parameter must not silently fit with the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: str = Field(",".join(map(str, _FIT.embedding.layers)), pattern=r"^-?\d+(,-?\d+)*$",
+                        description="Comma-separated layer indices (negative from the end).")
+    pooling: Pooling = Field(_FIT.embedding.pooling, description="last | mean | response (mean over the final assistant turn)")
+    template: Template = Field(_FIT.embedding.template, description="judge (the item inside one fixed 'is this harmful?' "
+                               "instruction) | chat | plain")
+    max_length: int = Field(_FIT.embedding.max_length, ge=8, le=32768, description="Tokens kept per item.")
+    truncation_side: TruncationSide = Field(_FIT.embedding.truncation_side, description="left keeps the end (the response) | "
+                                            "right keeps the start")
+    method: Literal["auto", "saft", "lda"] = Field(_FIT.method, description="auto: lda when the data is labelled, else saft "
+                                                   "(the paper, unsupervised)")
+    k: int = Field(_FIT.k, ge=1, le=4096, description="Directions kept.")
+    center: Centering = Field(_FIT.center, description="global | kind (each item kind centred on its own benign mean)")
+    standardize: bool = Field(_FIT.standardize, description="Per-dimension standardization before the SVD.")
+    shrinkage: float = Field(_FIT.shrinkage, ge=0.0, le=1.0, description="lda: covariance shrinkage toward its diagonal.")
+    balance: Balance = Field(_FIT.balance, description="item: every line weighs the same; source: every 'source' field "
+                             "value weighs the same within its label")
+    nuisance: int = Field(_FIT.nuisance, ge=0, le=64, description="lda: directions of between-benign-source spread projected out")
+    cross_fit: Literal["none", "source"] = Field(_FIT.cross_fit, description="source: τ and P(harmful) from source-held-out "
+                                                 "scores (labelled data with 2+ 'source' values) | none: the fit's own scores")
+    policy: str | None = Field(None, description="max_f1 | fpr:R | recall:R | drop_rate:Q (default: fpr:0.05 labelled, "
+                               "drop_rate:0.1 not); chosen per item kind")
+    mode: Literal["combine", "replace"] = Field(_FIT.mode, description="combine: add the data to the active version's stored "
+                                                "calibration (unlabeled lines labelled by its verdicts; τ carried over); "
+                                                "replace: fit on the data alone (unlabeled: the paper's SAFT score)")
+    labelled_weight: float = Field(_FIT.labelled_weight, gt=0, le=1000, description="combine: how many calibration sources "
+                                   "the labelled lines weigh as")
+    pseudo_weight: float = Field(_FIT.pseudo_weight, ge=0, le=1000, description="combine: how many calibration sources the "
+                                 "unlabeled lines weigh as")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            ThresholdPolicy.parse(value)  # ThresholdError is a ValueError: pydantic reports it under "policy"
+        return value
+
+    @classmethod
+    def of(cls, **values: Any) -> FitParams:
+        """Validated, or FitError naming each bad parameter (``name: why``), as the CLI and the API report it."""
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            raise FitError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                                     for e in err.errors())) from None
+
+    def options(self) -> FitOptions:
+        return FitOptions(
+            embedding=EmbeddingConfig(tuple(int(x) for x in self.layers.split(",")), self.pooling, self.template,
+                                      self.max_length, self.truncation_side),
+            method=self.method, k=self.k, center=self.center, standardize=self.standardize, shrinkage=self.shrinkage,
+            balance=self.balance, nuisance=self.nuisance, policy=ThresholdPolicy.parse(self.policy) if self.policy else None,
+            cross_fit=self.cross_fit, mode=self.mode, labelled_weight=self.labelled_weight, pseudo_weight=self.pseudo_weight)
 
 
 @dataclass
@@ -309,11 +375,11 @@ def fit_lines(
         options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
             k=options.k,
-            method=options.method,  # type: ignore[arg-type]  # FitOptions fields are str until FitParams (issue 14 step 3)
-            center=options.center,  # type: ignore[arg-type]  # as above
+            method=options.method,  # type: ignore[arg-type]  # resolved(): "auto" is decided by now
+            center=options.center,
             standardize=options.standardize,
             shrinkage=options.shrinkage,
-            balance=options.balance,  # type: ignore[arg-type]  # as above
+            balance=options.balance,
             nuisance=options.nuisance,
         ).fit_moments(acc)
         kinds_iter = iter(chunks(meta["item_kind"], 4096))

@@ -299,6 +299,9 @@ def test_failed_refit_is_reported_and_publishes_nothing(served) -> None:
     assert job["status"] == "failed" and "calibration line 2: text: is empty" in job["error"]
     assert sorted(p.name for p in (root / "models" / "apitest").iterdir()) == before
     assert httpx.post(f"{url}/subspace/refit?layers=99", content=b'{"text": "x"}', headers=A).status_code == 422
+    # The fit's parameters are one model (FitParams): a bad value or a misspelt name is a 422 naming it, before any job.
+    bad = httpx.post(f"{url}/subspace/refit?pooling=max&shrinkge=0.1", content=b'{"text": "x"}', headers=A)
+    assert bad.status_code == 422 and "query.pooling" in bad.json()["error"] and "query.shrinkge" in bad.json()["error"], bad.text
     assert httpx.get(f"{url}/subspace/jobs/nope", headers=C).status_code == 404
 
 

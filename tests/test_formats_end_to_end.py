@@ -23,15 +23,12 @@ from typer.testing import CliRunner
 from app.artifacts import load_version, save_version
 from app.cli import app
 from app.config import get_settings
-from app.embedding import Embedder, EmbeddingConfig
+from app.embedding import Embedder
 from app.launcher import running_server
-from app.pipeline import ONE_SAMPLE_PER_LINE, FitOptions, fit_lines, parse_line
-from app.quality import ThresholdPolicy
-from tests.support import DATA_DIR
+from app.pipeline import ONE_SAMPLE_PER_LINE, fit_lines, parse_line
+from tests.support import DATA_DIR, FAST_OPTIONS
 
 runner = CliRunner()
-OPTIONS = FitOptions(EmbeddingConfig(layers=(8,), pooling="response", max_length=128), method="lda", center="kind",
-                     shrinkage=0.5, policy=ThresholdPolicy("max_f1"))
 CLIENT = "client-token-formats"
 C = {"Authorization": f"Bearer {CLIENT}"}
 #: One prompt of dev_eval answered twice: harmfully (label 1) and with a refusal (label 0).
@@ -143,7 +140,7 @@ def write_rows(path: Path, rows: list[Any]) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, calibration_rows: list[dict]) -> Path:
     root = tmp_path_factory.mktemp("formats-models")
     lines = [parse_line(i + 1, row) for i, row in enumerate(calibration_rows)]  # decoded objects, as a Parquet row is
-    result = fit_lines(embedder, lines, OPTIONS, name="formats", calibration_digest="test")
+    result = fit_lines(embedder, lines, FAST_OPTIONS, name="formats", calibration_digest="test")
     save_version(root / "models", result.subspace, result.manifest)
     return root / "models"
 
