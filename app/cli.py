@@ -114,7 +114,7 @@ def _words(text: str) -> list[str]:
 
 NameOpt = Annotated[str | None, typer.Option("--name", help="Subspace name under models/ (default: settings).")]
 VersionOpt = Annotated[str | None, typer.Option("--version", help="Subspace version (default: the active one).")]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedded model name or local HF directory.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedded model name, a local HF directory or a .gguf file (converted once into the model cache).")]
 ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Override τ for this run.")]
 
 

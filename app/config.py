@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model: str = Field(
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (embedded GGUF default), 'all-minilm-l6-v2' (embedded "
-        "encoder) or a local Hugging Face model directory (safetensors only).",
+        "encoder), a local Hugging Face model directory (safetensors only) or a .gguf file (converted once into the cache).",
     )
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "saft-filter" / "models",
