@@ -7,6 +7,10 @@ part is done is a random subsample; ``UNITS`` (e.g. ``chat:short,judge:shortr,ch
 
     .venv/bin/python docs/reports/quality-r3/embed_pool.py --out /work/cache/pool
 
+A larger model on a stratified subsample (``docs/reports/larger-model``): ``--model`` takes any local HF
+directory or ``.gguf`` file, ``--layers`` the hidden states to keep, ``--per-source-label N`` keeps up to N items
+of each (source, label), whole groups at a time (seed 0), and writes them to ``<out>/subsample.jsonl`` too.
+
 Outputs: ``items.jsonl`` (one row per pool item: idx, file, line, source, group, kind, label, item_kind) and
 ``<template>/<unit>-<chunk>.npz`` with ``idx``, ``n_tokens``, ``truncated`` and one (n, layers, hidden) array
 per pooling: mean, last, max, resp (mean over the response tokens; the whole item when it has none).
@@ -31,8 +35,8 @@ LAYERS = (4, 8, 12, 16, 20)
 CHUNK = 256
 
 
-def load_pool(data: Path) -> tuple[list[dict], list]:
-    rows, items = [], []
+def load_pool(data: Path, per_source_label: int = 0) -> tuple[list[dict], list, list[dict]]:
+    rows, items, objs = [], [], []
     for name in FILES:
         with (data / f"{name}.jsonl").open() as fh:
             for number, line in enumerate(fh, 1):
@@ -45,7 +49,30 @@ def load_pool(data: Path) -> tuple[list[dict], list]:
                 rows.append({"idx": len(rows), "file": name, "line": number, "source": obj["source"], "group": obj["group"],
                              "kind": obj["kind"], "label": int(obj["label"]), "item_kind": item.kind})
                 items.append(item)
-    return rows, items
+                objs.append(obj)
+    if per_source_label:
+        rows, items, objs = stratified(rows, items, objs, per_source_label)
+    return rows, items, objs
+
+
+def stratified(rows: list[dict], items: list, objs: list[dict], n: int) -> tuple[list[dict], list, list[dict]]:
+    """Up to ``n`` items per (source, label), whole groups in a seeded random order, so no group is split."""
+    rng = np.random.default_rng(0)
+    cells: dict[tuple[str, int], dict[str, list[int]]] = {}
+    for i, r in enumerate(rows):
+        cells.setdefault((r["source"], r["label"]), {}).setdefault(r["group"], []).append(i)
+    keep: list[int] = []
+    for key in sorted(cells):
+        groups = list(cells[key].values())
+        taken = 0
+        for g in rng.permutation(len(groups)):
+            if taken >= n:
+                break
+            keep.extend(groups[g])
+            taken += len(groups[g])
+    keep = sorted(set(keep))
+    new_rows = [{**rows[i], "idx": j} for j, i in enumerate(keep)]
+    return new_rows, [items[i] for i in keep], [objs[i] for i in keep]
 
 
 @torch.inference_mode()
@@ -71,13 +98,20 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--model", default=None, help="a local HF directory or .gguf file (default: the embedded model)")
+    ap.add_argument("--layers", default=",".join(map(str, LAYERS)))
+    ap.add_argument("--per-source-label", type=int, default=0)
+    ap.add_argument("--store-dtype", default="float16", choices=("float16", "float32"),
+                    help="float32 for models whose hidden states pass float16's range (Gemma 3 reaches 4.5e4)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, items = load_pool(args.data)
+    rows, items, objs = load_pool(args.data, args.per_source_label)
     (args.out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    embedder = Embedder.load()
-    layers = embedder.normalize_layers(LAYERS)
+    if args.per_source_label:
+        (args.out / "subsample.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objs))
+    embedder = Embedder.load(args.model) if args.model else Embedder.load()
+    layers = embedder.normalize_layers(tuple(int(x) for x in args.layers.split(",")))
     short = [r["idx"] for r in rows if r["item_kind"] == "text"]
     pairs = [r["idx"] for r in rows if r["item_kind"] == "pair"]
     pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))]
@@ -97,7 +131,7 @@ def main() -> None:
             t0 = time.time()
             chunk = idxs[c:c + CHUNK]
             enc = embedder.encode_items([items[i] for i in chunk], config)
-            arrays = {p: np.empty((len(chunk), len(layers), embedder.hidden_size), np.float16) for p in ("mean", "last", "max", "resp")}
+            arrays = {p: np.empty((len(chunk), len(layers), embedder.hidden_size), args.store_dtype) for p in ("mean", "last", "max", "resp")}
             for b in plan_batches([len(e.input_ids) for e in enc], 2048, 32):
                 for p, v in pooled(embedder, [enc[i] for i in b], layers).items():
                     arrays[p][b] = v
