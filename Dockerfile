@@ -5,17 +5,28 @@
 #
 #   docker build -t saft-filter:cpu .                              # CPU (the default)
 #   docker build --build-arg DEVICE=cuda -t saft-filter:cuda .     # CUDA (PyPI's torch wheel bundles the CUDA runtime)
+#
+# Air-gapped and corporate builds: pip's own settings pass through as build arguments (PIP_INDEX_URL,
+# PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST, PIP_CERT for a TLS-inspecting proxy's CA; unset by default), TORCH_INDEX_URL is where the CPU
+# torch comes from, and PYTHON_IMAGE any Debian-based image with python3.11 and venv (scripts/container-e2e.sh
+# builds one from Debian's packages and runs the image end to end with podman).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG DEVICE=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 # torch first, pinned, from the index that matches DEVICE, so nothing installed later pulls another build.
 RUN case "$DEVICE" in \
-      cpu)  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu ;; \
+      cpu)  pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL" ;; \
       cuda) pip install torch==2.13.0 ;; \
       *)    echo "DEVICE must be cpu or cuda, not '$DEVICE'" >&2; exit 1 ;; \
     esac

