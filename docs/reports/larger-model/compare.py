@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from app.crossval import EmbeddedPool, crossval
 from app.pipeline import FitOptions
@@ -54,40 +53,25 @@ def read_cache(cache: Path, layers_idx: list[int], pooling: str, rows_idx: np.nd
     return X[rows_idx]
 
 
-def auroc(y: np.ndarray, s: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
-
-
-def tpr_at(y: np.ndarray, s: np.ndarray, fpr: float) -> float | None:
-    if not 0 < y.sum() < len(y):
-        return None
-    f, t, _ = roc_curve(y, s)
-    return float(t[f <= fpr].max())
-
-
 def evaluate(X: np.ndarray, rows: list[dict], by: str, nested: bool) -> dict:
+    """``app.crossval``'s own figures (``app.quality``'s metrics of the pooled out-of-fold scores), per kind and source."""
     pool = EmbeddedPool(X.astype(np.float32), np.asarray([r["label"] for r in rows]), [r["item_kind"] for r in rows],
                         [r["kind"] for r in rows], [r["source"] for r in rows], [r["group"] for r in rows])
     # nested: τ per fold as the product sets it (on the training sources' own held-out scores; 42 x 41 fits a
     # variant); otherwise on the fold's training scores (42 fits). AUROC and TPR do not depend on τ.
     r = crossval(pool, FitOptions(cross_fit="source" if nested else "none"), by=by, families=FAMILY_OF)  # type: ignore[arg-type]
-    scores, drop = np.asarray(r["scores"]), np.asarray(r["scores"]) > np.asarray(r["thresholds"])
-    label, kind, source = pool.labels, np.asarray(pool.kinds), np.asarray(pool.sources)
+    metrics = r["metrics"]
     out: dict = {"by_kind": {}, "by_source": {}}
-    for k in ("prompt", "text", "pair"):
-        m = kind == k
-        out["by_kind"][k] = {"n": int(m.sum()), "auroc": auroc(label[m], scores[m]), "tpr1": tpr_at(label[m], scores[m], 0.01),
-                             "tpr5": tpr_at(label[m], scores[m], 0.05),
-                             "benign_dropped": float(drop[m & (label == 0)].mean()),
-                             "harmful_caught": float(drop[m & (label == 1)].mean())}
-    for s in sorted(set(source.tolist())):
-        m = source == s
-        row: dict = {"n": int(m.sum())}
-        if (label[m] == 0).any():
-            row["benign_dropped"] = float(drop[m & (label == 0)].mean())
-        if (label[m] == 1).any():
-            row["harmful_caught"] = float(drop[m & (label == 1)].mean())
-        out["by_source"][s] = row
+    for k, m in metrics["by_kind"].items():
+        out["by_kind"][k] = {"n": m["n"], "auroc": m.get("auroc"), "tpr1": m.get("tpr_at_1pct_fpr"),
+                             "tpr5": m.get("tpr_at_5pct_fpr"), "benign_dropped": m["fpr_at_threshold"], "harmful_caught": m["recall"]}
+    for source, m in metrics["by_source"].items():
+        row: dict = {"n": m["n"]}
+        if m["n"] > m["n_harmful"]:
+            row["benign_dropped"] = m["fpr_at_threshold"]
+        if m["n_harmful"]:
+            row["harmful_caught"] = m["recall"]
+        out["by_source"][source] = row
     benign = {s: v["benign_dropped"] for s, v in out["by_source"].items() if "benign_dropped" in v}
     harmful = {s: v["harmful_caught"] for s, v in out["by_source"].items() if "harmful_caught" in v}
     out["worst_benign"] = max(benign.items(), key=lambda kv: kv[1])
