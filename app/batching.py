@@ -249,6 +249,17 @@ class MicroBatcher(Generic[P, R]):
                 self._cond.notify_all()
             raise TimeoutError(f"batcher {self.name!r}: worker still busy after stop timeout_s={timeout_s}")
 
+    def shed_waiting(self, reason: str) -> int:
+        """Refuse new work and fail what has not started (queued items, calls in line) with ``BatcherClosed``;
+        the batch running now finishes. For the end of a shutdown grace: what could not start in time gets a
+        retryable answer instead of being cut off. Returns how many items were failed."""
+        with self._cond:
+            self._closed = True
+            shed = len(self._waiting)
+            self._fail_waiting(BatcherClosed(reason))
+            self._cond.notify_all()
+        return shed
+
     def check_room(self, n: int, caller: Hashable = None) -> None:
         """Raise ``QueueFull`` now if ``n`` items of ``caller`` would not fit, so a caller refuses before costly work
         (tokenizing); ``submit`` checks again, since the queue may fill in between."""

@@ -747,14 +747,13 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default SAFT_PORT).")] = None,
 ) -> None:
     """Run the HTTP service (uvicorn) on the configured model and active subspace."""
-    import uvicorn
-
     from app.api.app import create_app
-    from app.api.slow_clients import http_protocol
+    from app.api.server import run
+    from app.memory import limit_arenas
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None,
-                timeout_graceful_shutdown=30, http=http_protocol(settings))
+    limit_arenas(settings.malloc_arena_max)  # before the model's and the server's threads allocate
+    run(create_app(settings), settings, host or settings.host, port or settings.port)
 
 
 @app.command(name="model-cache")

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(None, description="Bearer token for /subspace writes; unset = writes refused.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long a partial batch waits for more items.")
+    malloc_trim_interval_s: float = Field(
+        10.0, ge=0, description="After a forward pass, return glibc's free heap pages to the OS at most this often "
+        "(malloc_trim; resident memory otherwise stays at every arena's high-water mark); 0 turns it off."
+    )
+    malloc_arena_max: int = Field(
+        2, ge=0, description="Cap on glibc's malloc arenas, set when `saft serve` starts (as MALLOC_ARENA_MAX would); "
+        "0 leaves glibc's default of 8 per core."
+    )
     feeder_nice: int = Field(
         10, ge=0, le=19, description="Linux: the service's threads other than the inference worker (event loop, tokenizing) "
         "run at this nice, so request handling does not stall a CPU forward pass; 0 leaves priorities alone."
@@ -99,6 +107,11 @@ class Settings(BaseSettings):
         "refit) may not stall longer than this between chunks; otherwise 408 (slow-loris bound)."
     )
     filter_chunk_lines: int = Field(64, ge=1, description="Lines of a /filter stream scored together.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: work that has not started within this fails with 503 + Retry-After (a "
+        "retryable answer, not a cut connection); what runs finishes. Keep it below the orchestrator's kill timeout "
+        "(k8s terminationGracePeriodSeconds 45, compose stop_grace_period 45s) by more than one batch."
+    )
     log_level: str = "INFO"
 
     # --- fleet (Redis) ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ in the batcher's worker thread (forward passes) or worker threads (tokenizing), 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from app.config import Settings
 from app.embedding import Embedder, EmbeddingConfig, Encoded
 from app.fleet import Fleet, FleetUnavailable, RefitLease, RefitLocked, VersionConflict
 from app.items import Item
+from app.memory import PeriodicTrim, heap_stats
 from app.pipeline import FitOptions, Scored, file_digest, fit_lines, read_lines, score_encoded
 from app.ratelimit import RateLimited, RateLimiter
 from app.registry import ActiveSubspace, SubspaceRegistry
@@ -90,6 +92,11 @@ class JobStore:
             return None if job is None else dict(job)
 
 
+def _heap_field(state: str) -> float:
+    stats = heap_stats()
+    return float(getattr(stats, state)) if stats is not None else float("nan")
+
+
 class ScoringService:
     """Everything the HTTP layer needs, built once in the app's lifespan."""
 
@@ -128,6 +135,10 @@ class ScoringService:
         self._refit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
+        self.heap_trim = PeriodicTrim(settings.malloc_trim_interval_s)
+        metrics.CACHE_BYTES.set_function(lambda: self.cache.local_bytes)
+        for state in ("in_use", "free", "mmapped"):
+            metrics.HEAP_BYTES.labels(state).set_function(functools.partial(_heap_field, state))
 
     # ----------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -154,6 +165,19 @@ class ScoringService:
         self.batcher.start()
         self.ready = snapshot is not None
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM arrived (the server stops accepting): report not ready, and once ``shutdown_grace_s`` has passed,
+        fail the work that has not started with ``BatcherClosed`` (503 + Retry-After) so no caller is cut off."""
+        self.ready = False
+        grace = self.settings.shutdown_grace_s
+        asyncio.get_running_loop().call_later(grace, self._shed_after_grace, grace)
+
+    def _shed_after_grace(self, grace: float) -> None:
+        shed = self.batcher.shed_waiting(f"the server is shutting down: this work did not start within the {grace:g} s grace; "
+                                         "retry (another replica)")
+        if shed:
+            log.warning("shutdown grace of %g s over: %d queued items answered 503", grace, shed)
+
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop(drain=True)
@@ -178,7 +202,9 @@ class ScoringService:
     def _forward(self, batch: Sequence[tuple[Encoded, EmbeddingConfig]]) -> list[np.ndarray]:
         """Runs in the batcher's worker thread: one forward pass for one embedding config."""
         config = batch[0][1]
-        return list(self.embedder.forward([enc for enc, _ in batch], config))
+        vectors = list(self.embedder.forward([enc for enc, _ in batch], config))
+        self.heap_trim.maybe_trim()  # the pass's activations are freed now: hand their pages back (throttled)
+        return vectors
 
     def _on_batch(self, stats: BatchStats) -> None:
         metrics.BATCH_SIZE.observe(stats.size)

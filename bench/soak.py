@@ -6,7 +6,11 @@
 Phases: warm-up (8 clients), at capacity (4), beyond capacity (48 clients against a small queue, so
 the service must shed load with 429 + Retry-After), recovery (2). Per phase: requests, status codes,
 429s without Retry-After, transport errors, latency percentiles of the 200s, and the server's
-resident memory (VmRSS) sampled every second. tests/test_reliability_load.py runs a short version.
+resident memory (VmRSS) with the server's own heap and cache gauges (``saft_heap_bytes``, ``saft_cache_bytes``)
+sampled every ``--sample-s`` seconds: the curve says where memory goes (the cache filling to its bound, heap in use,
+free heap that malloc holds). tests/test_reliability_load.py runs a short version.
+
+    python -m bench.soak --minutes 30 --env SAFT_MALLOC_TRIM_INTERVAL_S=0 --out /tmp/soak-untrimmed.json
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_eval.jsonl"
 SERVER_ENV = {"SAFT_MAX_QUEUE": "64", "SAFT_MAX_ITEMS_PER_REQUEST": "16", "SAFT_FILTER_CHUNK_LINES": "16"}
@@ -46,6 +51,7 @@ class PhaseResult:
     wrong_results: int = 0
     latencies_ok: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    samples: list[dict[str, float]] = field(default_factory=list)  # t (s since the soak began), rss, heap, cache in MB
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ok) * 1000 if self.latencies_ok else np.zeros(1)
@@ -58,6 +64,7 @@ class PhaseResult:
             "latency_ms_ok": {"p50": round(float(np.percentile(lat, 50)), 1), "p95": round(float(np.percentile(lat, 95)), 1),
                               "p99": round(float(np.percentile(lat, 99)), 1)},
             "rss_mb": {"start": self.rss_mb[0], "end": self.rss_mb[-1], "max": max(self.rss_mb)} if self.rss_mb else None,
+            "end_sample": self.samples[-1] if self.samples else None,
         }
 
 
@@ -105,12 +112,27 @@ async def _client(client: httpx.AsyncClient, pool: list[str], deadline: float, r
             await asyncio.sleep(min(1.0, int(r.headers.get("retry-after", "1")) / 4))  # impatient: a quarter of Retry-After, at most 1 s
 
 
+async def server_memory(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's heap (in use, free, mmapped) and cache gauges from /metrics, in MB."""
+    r = await client.get("/metrics")
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name == "saft_heap_bytes":
+                out[f"heap_{sample.labels['state']}_mb"] = round(sample.value / 2**20, 1)
+            elif sample.name == "saft_cache_bytes":
+                out["cache_mb"] = round(sample.value / 2**20, 1)
+    return out
+
+
 async def run_phases(url: str, phases: list[Phase], pid: int | None = None, seed: int = 0,
-                     headers: dict[str, str] | None = None, filter_share: float = 0.1) -> list[PhaseResult]:
+                     headers: dict[str, str] | None = None, filter_share: float = 0.1, sample_s: float = 1.0) -> list[PhaseResult]:
     pool = texts()
-    results = []
+    results: list[PhaseResult] = []
     limits = httpx.Limits(max_connections=max(p.clients for p in phases) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
+    began = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client, \
+            httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as probe:
         for phase in phases:
             result = PhaseResult(phase.name, phase.clients, phase.seconds)
             deadline = time.monotonic() + phase.seconds
@@ -120,7 +142,12 @@ async def run_phases(url: str, phases: list[Phase], pid: int | None = None, seed
                     value = rss_mb(pid)
                     if value is not None:
                         result.rss_mb.append(value)
-                    await asyncio.sleep(1.0)
+                        try:
+                            gauges = await server_memory(probe)
+                        except httpx.HTTPError:
+                            gauges = {}
+                        result.samples.append({"t": round(time.monotonic() - began, 1), "rss_mb": value, **gauges})
+                    await asyncio.sleep(sample_s)
 
             rng = random.Random(seed + len(results))
             await asyncio.gather(sample_rss(), *(_client(client, pool, deadline, result, random.Random(rng.random()), filter_share)
@@ -141,27 +168,33 @@ def main() -> None:
     parser.add_argument("--url", help="an already running server (default: start one with models/default)")
     parser.add_argument("--pid", type=int, help="its pid, for resident memory")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("soak.json"))
+    parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
+    parser.add_argument("--env", action="append", default=[], help="extra server setting NAME=VALUE (own server only)")
     args = parser.parse_args()
     phases = default_phases(args.minutes)
+    env = {**SERVER_ENV, **dict(e.split("=", 1) for e in args.env)}
     if args.url:
-        results = asyncio.run(run_phases(args.url, phases, args.pid))
+        results = asyncio.run(run_phases(args.url, phases, args.pid, sample_s=args.sample_s))
     else:
         import tempfile
 
         from app.launcher import start_server, stop_server
 
         log = Path(tempfile.mkdtemp(prefix="saft-soak-")) / "server.log"
-        proc, url = start_server(SERVER_ENV, log)
+        proc, url = start_server(env, log)
         try:
-            results = asyncio.run(run_phases(url, phases, proc.pid))
+            results = asyncio.run(run_phases(url, phases, proc.pid, sample_s=args.sample_s))
         finally:
             stop_server(proc)
     summaries = [r.summary() for r in results]
-    warm_end = summaries[0]["rss_mb"]["end"] if summaries[0]["rss_mb"] else None
-    report = {"command": f"python -m bench.soak --minutes {args.minutes:g}", "server_env": SERVER_ENV, "phases": summaries,
-              "rss_growth_after_warm_up_mb": None if warm_end is None else round(summaries[-1]["rss_mb"]["end"] - warm_end, 1)}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    warm, last = results[0].samples, results[-1].samples
+    growth = {key: round(last[-1][key] - warm[-1][key], 1) for key in warm[-1] if key != "t" and key in last[-1]} if warm and last else {}
+    command = " ".join(["python -m bench.soak", f"--minutes {args.minutes:g}", *(f"--env {e}" for e in args.env)])
+    report = {"command": command, "server_env": env, "phases": summaries,
+              "rss_growth_after_warm_up_mb": growth.get("rss_mb"), "growth_after_warm_up_mb": growth,
+              "curve": [sample | {"phase": r.name} for r in results for sample in r.samples]}
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "curve"}, indent=2))
 
 
 if __name__ == "__main__":

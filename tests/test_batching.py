@@ -458,6 +458,31 @@ def test_stop_without_drain_fails_waiting_items() -> None:
     assert model.batches == [[1]]
 
 
+def test_shed_waiting_fails_what_has_not_started_and_lets_the_running_batch_finish() -> None:
+    """The end of a shutdown grace: queued items and calls in line fail with BatcherClosed, the running one does not."""
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make(model, max_queue=3)
+        blocker = await block_worker(batcher, model, 1)
+        queued = asyncio.create_task(batcher.submit([2, 3], [1, 1]))
+        await wait_until(lambda: batcher.queue_depth == 2)
+        in_line = asyncio.create_task(batcher.submit([4, 5], [1, 1], wait=True))  # no room: stands in line
+        await asyncio.sleep(0.05)
+        assert batcher.shed_waiting("grace over") == 2
+        for task in (queued, in_line):
+            with pytest.raises(BatcherClosed, match="grace over"):
+                await task
+        with pytest.raises(BatcherClosed):
+            await batcher.submit([6], [1])  # and nothing new is taken
+        model.gate.set()
+        assert await blocker == [2]
+        await batcher.stop()
+
+    run(main())
+    assert model.batches == [[1]]
+
+
 # ---- 10. threading --------------------------------------------------------------------------------
 
 

@@ -86,6 +86,8 @@ def error_response(exc: BaseException) -> ORJSONResponse:
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, BatcherClosed):
+        headers["Retry-After"] = "1"  # stopping: another replica (or this one, restarted) takes the retry
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     message = str(exc) if status != 500 else "internal error"
