@@ -1,6 +1,6 @@
 """``saft``: fit, score, filter, eval, sweep and serve from the command line.
 
-A thin shell over ``app.pipeline``; every line of every input is accounted for in the output.
+A thin shell over ``app.core.pipeline``; every line of every input is accounted for in the output.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.anchoring import Activation, GuardBounds, decide_activation
-from app.artifacts import ArtifactError, Manifest, active_version, check_compatible, load_version, save_version
-from app.calibration import calibration_error, probability
 from app.config import get_settings
-from app.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
-from app.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
-from app.items import SHAPES, ItemError, Shape, parse_columns
-from app.lines import (
+from app.core.anchoring import Activation, GuardBounds, decide_activation
+from app.core.calibration import calibration_error, probability
+from app.core.embedding import Embedder, EmbeddingConfig, EmbeddingError, sha256_files
+from app.core.embedstore import EmbeddingFile, EmbeddingFileError, StoredEmbed
+from app.core.items import SHAPES, ItemError, Shape, parse_columns
+from app.core.lines import (
     ParquetRowWriter,
     RecordFileError,
     data_files,
@@ -37,7 +36,8 @@ from app.lines import (
     table_schema,
     write_parquet_rows,
 )
-from app.pipeline import (
+from app.core.manifest import ArtifactError, Manifest
+from app.core.pipeline import (
     DEFAULT_FIT_EMBEDDING,
     TABLE_COLUMNS,
     EmbedFn,
@@ -55,9 +55,10 @@ from app.pipeline import (
     single_sample,
     table_row,
 )
-from app.quality import ThresholdError, grouped_quality
-from app.report import write_report
-from app.subspace import FitError, Subspace
+from app.core.quality import ThresholdError, grouped_quality
+from app.core.report import write_report
+from app.core.subspace import FitError, Subspace
+from app.store.artifacts import active_version, check_compatible, load_version, save_version
 
 app = typer.Typer(add_completion=False, help="Safety-Aware Fine-Tuning filter: drop harmful samples before training.")
 err = Console(stderr=True)
@@ -100,8 +101,7 @@ def _load_scoring(name: str | None, version: str | None, model: str | None) -> t
 
 
 def _direct(embedder: Embedder) -> EmbedFn:
-    settings = get_settings()
-    return direct_embed(embedder, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
+    return direct_embed(embedder)  # in the configured batches: Embedder.from_settings set them
 
 
 def _ints(text: str) -> list[int]:
@@ -155,9 +155,10 @@ def _shapes(lines: Iterator[Line], counts: dict[str, int]) -> Iterator[Line]:
         yield line
 
 
-def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str, k: int,
-                 center: str, standardize: bool, shrinkage: float, balance: str, nuisance: int, policy: str | None,
-                 cross_fit: str = _FIT.cross_fit, **more: Any) -> FitOptions:
+def _fit_options(layers: str, pooling: str, template: str, max_length: int, truncation_side: str, method: str = _FIT.method,
+                 k: int = _FIT.k, center: str = _FIT.center, standardize: bool = _FIT.standardize,
+                 shrinkage: float = _FIT.shrinkage, balance: str = _FIT.balance, nuisance: int = _FIT.nuisance,
+                 policy: str | None = None, cross_fit: str = _FIT.cross_fit, **more: Any) -> FitOptions:
     """The options checked by ``FitParams`` (the refit API's model too): a bad value is a FitError naming it."""
     return FitParams.of(layers=layers.replace(" ", ""), pooling=pooling, template=template, max_length=max_length,
                         truncation_side=truncation_side, method=method, k=k, center=center, standardize=standardize,
@@ -166,8 +167,8 @@ def _fit_options(layers: str, pooling: str, template: str, max_length: int, trun
 
 
 def _embedding_config(layers: str, pooling: str, template: str, max_length: int, truncation_side: str) -> EmbeddingConfig:
-    return FitParams.of(layers=layers.replace(" ", ""), pooling=pooling, template=template, max_length=max_length,
-                        truncation_side=truncation_side).options().embedding
+    """The embedding options alone (``saft score``/``filter``/``embed``), checked as ``_fit_options`` checks them."""
+    return _fit_options(layers, pooling, template, max_length, truncation_side).embedding
 
 
 def _read_files(paths: Sequence[Path], shape: Shape | Literal["auto"] = "auto", columns: dict[str, str] | None = None,
@@ -343,7 +344,7 @@ def crossval_(
     Reports per kind the AUROC / TPR at 1% and 5% FPR of the pooled out-of-source scores, and per source the
     share dropped at τ (benign items) or caught (harmful ones). A line's 'source' field names its source (its
     file's name where it has none); lines sharing a 'group' never straddle a fold."""
-    from app.crossval import EmbeddedPool, crossval
+    from app.core.crossval import EmbeddedPool, crossval
 
     try:
         options = _fit_options(layers, pooling, template, max_length, truncation_side, method, k, center, standardize,
@@ -698,9 +699,8 @@ def sweep(
     """Layer / pooling / method / k sweep: embed once, fit every combination, rank by worst per-kind AUROC."""
     from itertools import islice
 
-    from app.sweep import embed_set, holdout_mask, run_sweep
+    from app.core.sweep import embed_set, holdout_mask, run_sweep
 
-    settings = get_settings()
     layer_sets = [_ints(part) for part in layers.split(";") if part.strip()]
     all_layers = sorted({layer for ls in layer_sets for layer in ls})
     poolings = _words(pooling)
@@ -711,8 +711,7 @@ def sweep(
         def load(path: Path):
             total = min(_count_lines(path), limit or 1 << 62)
             with closing(read_file(path)) as rows, _progress(f"embedding {path.name}", total) as advance:
-                return embed_set(embedder, islice(map(single_sample, rows), limit), all_layers, poolings, base, progress=advance,  # type: ignore[arg-type]  # --pooling words for Literal poolings, unchecked (FitParams, step 3)
-                                 max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
+                return embed_set(embedder, islice(map(single_sample, rows), limit), all_layers, poolings, base, progress=advance)  # type: ignore[arg-type]  # --pooling words for Literal poolings, unchecked (FitParams, step 3)
 
         train = load(calibration)
         if eval_file is not None:
@@ -749,7 +748,7 @@ def serve(
     """Run the HTTP service (uvicorn) on the configured model and active subspace."""
     from app.api.app import create_app
     from app.api.server import run
-    from app.memory import limit_arenas
+    from app.serving.memory import limit_arenas
 
     settings = get_settings()
     limit_arenas(settings.malloc_arena_max)  # before the model's and the server's threads allocate
@@ -762,7 +761,7 @@ def model_cache(
     convert: Annotated[bool, typer.Option(help="Convert the embedded GGUF default now (no-op when cached).")] = False,
 ) -> None:
     """Show, fill or clear the cache where the embedded GGUF default is converted to safetensors (once)."""
-    from app.embedding import EMBEDDED_DECODER, resolve_model_dir
+    from app.core.embedding import EMBEDDED_DECODER, resolve_model_dir
 
     cache = get_settings().model_cache_dir
     if clear and cache.exists():

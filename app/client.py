@@ -1,7 +1,7 @@
-"""``saft score --url``: rows read by ``app.lines`` scored through a running service with saft-filter-client.
+"""``saft score --url``: rows read by ``app.core.lines`` scored through a running service with saft-filter-client.
 
 This module owns the adapter only: a row's canonical turns become the item sent, and the results come back as
-the records the in-process ``saft score`` writes (``app.pipeline.line_record``). Chunking, concurrency, retries
+the records the in-process ``saft score`` writes (``app.core.pipeline.line_record``). Chunking, concurrency, retries
 and refused items are the client package's (``saft_filter_client``); nothing here talks HTTP.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from saft_filter_client import ItemRefused, SaftClient, Scored
 
-from app.pipeline import Line, line_record, merge_sides
-from app.pipeline import Scored as LineScored
+from app.core.pipeline import Line, line_record, merge_sides
+from app.core.pipeline import Scored as LineScored
 
 #: The client names a refused item by its place in the items sent (``items[7]: ...``); a record names its line.
 _ITEM_PREFIX = re.compile(r"^items(?:\[\d+\]|\.\d+)")

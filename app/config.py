@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(None, description="Bearer token for /subspace writes; unset = writes refused.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long a partial batch waits for more items.")
     malloc_trim_interval_s: float = Field(
-        10.0, ge=0, description="After a forward pass, return glibc's free heap pages to the OS at most this often "
-        "(malloc_trim; resident memory otherwise stays at every arena's high-water mark); 0 turns it off."
+        10.0, ge=0, description="Return glibc's free heap pages to the OS this often (malloc_trim, off the event loop; "
+        "resident memory otherwise stays at every arena's high-water mark); 0 turns it off."
     )
     malloc_arena_max: int = Field(
         2, ge=0, description="Cap on glibc's malloc arenas, set when `saft serve` starts (as MALLOC_ARENA_MAX would); "
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         return self.max_queue_per_client or self.max_queue
 
     def guard_bounds(self) -> dict[str, float]:
-        """The refit guard's bounds (``app.anchoring.GuardBounds``' fields)."""
+        """The refit guard's bounds (``app.core.anchoring.GuardBounds``' fields)."""
         return {"min_agreement": self.refit_guard_min_agreement, "max_drop_ratio": self.refit_guard_max_drop_ratio,
                 "drop_slack": self.refit_guard_drop_slack, "max_auroc_loss": self.refit_guard_max_auroc_loss}
 

@@ -37,3 +37,4 @@ CACHE_MISSES = Counter("saft_cache_misses_total", "Distinct items embedded by th
 FLEET_ONLINE = Gauge("saft_redis_connected", "1 while Redis (fleet state, shared cache) is reachable, 0 when degraded.")
 HEAP_BYTES = Gauge("saft_heap_bytes", "glibc malloc's heap: in use, free but held (returned by malloc_trim), mmapped.", ["state"])
 CACHE_BYTES = Gauge("saft_cache_bytes", "Bytes held by the in-process embedding cache (bounded by SAFT_CACHE_MAX_BYTES).")
+HEAP_TRIMS = Counter("saft_heap_trims_total", "Times glibc's free heap pages were handed back to the OS (malloc_trim).")

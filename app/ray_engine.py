@@ -1,14 +1,14 @@
 """``saft filter --engine ray``: the local filter's scoring core spread over a Ray Data actor pool.
 
 Owns: finding the input shards, cutting them into read tasks and reading those into numbered lines (a JSON shard in
-any ``app.lines`` format is one task, read by ``read_file``; a table — a Parquet or Arrow shard, a dataset saved by
-``datasets``' ``save_to_disk`` — is one task per ``app.lines.fragments`` part, runs of whole row groups or one Arrow
+any ``app.core.lines`` format is one task, read by ``read_file``; a table — a Parquet or Arrow shard, a dataset saved by
+``datasets``' ``save_to_disk`` — is one task per ``app.core.lines.fragments`` part, runs of whole row groups or one Arrow
 file, each numbering its rows from the part's first row number, so a row's line is its row in the shard), the scoring actor
 (one Embedder and one subspace per actor, a GPU each when the cluster has them) and the datasink that writes the
 kept / dropped / rejected (and optional per-line score) shards and counts every line per shard and every shape.
 
 Must not: parse, format, embed or score in a way of its own. Lines are numbered and parsed by
-``app.pipeline.read_file`` / ``read_records`` over ``app.lines``' records, scored by ``score_lines`` and written as
+``app.core.pipeline.read_file`` / ``read_records`` over ``app.core.lines``' records, scored by ``score_lines`` and written as
 ``filter_record`` / ``line_record`` say, exactly as the local engine does; only the fan-out is Ray's.
 ``ray`` is imported inside the functions that need it, so nothing else in the package (the service
 above all) ever imports it.
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from app.artifacts import Manifest, check_compatible
 from app.config import Settings
-from app.embedding import Embedder
-from app.items import Shape
-from app.lines import SUFFIXES, TABULAR, Fragment, RecordFileError, fragment_records, fragments, record_format
-from app.pipeline import (
+from app.core.embedding import Embedder
+from app.core.items import Shape
+from app.core.lines import SUFFIXES, TABULAR, Fragment, RecordFileError, fragment_records, fragments, record_format
+from app.core.manifest import Manifest
+from app.core.pipeline import (
     Line,
     direct_embed,
     filter_record,
@@ -42,7 +42,8 @@ from app.pipeline import (
     read_records,
     score_lines,
 )
-from app.subspace import Subspace
+from app.core.subspace import Subspace
+from app.store.artifacts import check_compatible
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -75,7 +76,7 @@ def _is_shard(path: Path) -> bool:
 
 
 def find_shards(spec: str | Path) -> list[Path]:
-    """The shards named by a file, a saved dataset (one shard), a directory (its files in a format ``app.lines`` reads,
+    """The shards named by a file, a saved dataset (one shard), a directory (its files in a format ``app.core.lines`` reads,
     sorted) or a glob pattern (sorted); a named file or a glob match in a format saft does not read is refused, not
     skipped."""
     path = Path(spec)
@@ -125,7 +126,7 @@ def _line_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def read_tasks(shards: list[Path], read_rows: int) -> list[dict[str, Any]]:
     """The read tasks of a run, in shard order: ``{"shard", "fragment"}``, ``fragment`` None for a JSON shard (read
-    whole) or one ``app.lines.fragments`` part of a table as JSON (its file, row groups, first row number, rows)."""
+    whole) or one ``app.core.lines.fragments`` part of a table as JSON (its file, row groups, first row number, rows)."""
     tasks: list[dict[str, Any]] = []
     for shard in shards:
         if record_format(shard)[0] not in TABULAR:
@@ -169,7 +170,7 @@ class LineScorer:
         self.embedder = Embedder.from_settings(settings, manifest.model_id)
         check_compatible(manifest, self.embedder)
         self.subspace, self.manifest, self.threshold, self.reading = subspace, manifest, threshold, reading
-        self.embed = direct_embed(self.embedder, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
+        self.embed = direct_embed(self.embedder)  # from_settings: the configured batch limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from app.embedding import Embedder, EmbeddingConfig, Encoded
-from app.items import parse_item
-from app.pipeline import DEFAULT_FIT_EMBEDDING
+from app.core.embedding import BatchLimits, Embedder, EmbeddingConfig, Encoded
+from app.core.items import parse_item
+from app.core.pipeline import DEFAULT_FIT_EMBEDDING
 from bench.common import RESULTS, in_worker_thread, matmul_gflops, save, texts
 
 ResultsOpt = Annotated[Path, typer.Option(help="Results file to merge into.")]
@@ -35,7 +35,7 @@ def timed_embed(embedder: Embedder, encoded: list[Encoded], config: EmbeddingCon
 
     def run() -> float:
         start = time.perf_counter()
-        embedder.embed(encoded, config, max_batch_tokens=tokens, max_batch_size=size)
+        embedder.embed(encoded, config, BatchLimits(tokens, size))
         if embedder.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -48,7 +48,7 @@ def op_shares(embedder: Embedder, encoded: list[Encoded], config: EmbeddingConfi
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        embedder.embed(encoded, config, max_batch_tokens=1 << 30, max_batch_size=size)
+        embedder.embed(encoded, config, BatchLimits(1 << 30, size))
     shares: Counter[str] = Counter()
     for event in prof.key_averages():
         group = next((g for g, keys in _OP_GROUPS.items() if any(k in event.key for k in keys)), "other")

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.embedding import EMBEDDED_ENCODER
+from app.core.embedding import EMBEDDED_ENCODER
 from bench.common import DATA, RESULTS, alternate, drive, plain_texts, rows, saft_server, save
 
 ResultsOpt = Annotated[Path, typer.Option(help="Results file to merge into.")]
@@ -34,7 +34,7 @@ SUBSPACE = "minilm"
 def encoder_dir() -> Path:
     """The encoder's local directory, resolved exactly as the service resolves SAFT_MODEL=all-minilm-l6-v2."""
     from app.config import get_settings
-    from app.embedding import resolve_model_dir
+    from app.core.embedding import resolve_model_dir
 
     return resolve_model_dir(EMBEDDED_ENCODER, get_settings().model_cache_dir)
 

@@ -36,7 +36,7 @@ def child(n: int, dim: int, chunk: int) -> dict[str, float]:
     """Run in its own process: stream ``n`` synthetic embeddings through the accumulator, then fit."""
     import numpy as np
 
-    from app.subspace import MomentAccumulator, Subspace
+    from app.core.subspace import MomentAccumulator, Subspace
 
     rng = np.random.default_rng(0)
     direction = rng.standard_normal(dim).astype(np.float32)

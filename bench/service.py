@@ -37,8 +37,8 @@ class Core:
     """The core in-process with the service's own model, subspace config and batch limits."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        from app.artifacts import load_version
-        from app.embedding import Embedder
+        from app.core.embedding import Embedder
+        from app.store.artifacts import load_version
 
         settings = settings_for(env)
         _, manifest = load_version(settings.models_dir, settings.subspace_name)
@@ -49,7 +49,7 @@ class Core:
 
     def rate(self, items: list[dict[str, Any]]) -> float:
         """Texts/s on ``items``: tokenize, then length-sorted batches within the service's limits."""
-        from app.items import parse_item
+        from app.core.items import parse_item
 
         parsed = [parse_item(t) for t in items]
 

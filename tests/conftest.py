@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from app.embedding import EMBEDDED_DECODER, EMBEDDED_ENCODER, Embedder
+from app.core.embedding import EMBEDDED_DECODER, EMBEDDED_ENCODER, Embedder
 from tests.support import DATA_DIR
 
 

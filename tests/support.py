@@ -23,15 +23,16 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from app.artifacts import Manifest, save_version
 from app.cli import app
 from app.config import PROJECT_ROOT
-from app.embedding import Embedder, EmbeddingConfig
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.manifest import Manifest
+from app.core.pipeline import FitOptions, fit_lines, parse_line
+from app.core.quality import ThresholdPolicy
+from app.core.subspace import Subspace
 from app.launcher import free_port
-from app.pipeline import FitOptions, fit_lines, parse_line
-from app.quality import ThresholdPolicy
-from app.registry import ActiveSubspace
-from app.subspace import Subspace
+from app.store.artifacts import save_version
+from app.store.registry import ActiveSubspace
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

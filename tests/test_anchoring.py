@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.anchoring import (
+from app.core.anchoring import (
     AnchorWeights,
     GuardBounds,
     carry_probability,
@@ -22,11 +22,12 @@ from app.anchoring import (
     decide_activation,
     guard,
 )
-from app.artifacts import Manifest, load_version, save_version
-from app.calibration import probability
-from app.embedding import EmbeddingConfig
-from app.quality import ThresholdPolicy
-from app.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
+from app.core.calibration import probability
+from app.core.embedding import EmbeddingConfig
+from app.core.manifest import Manifest
+from app.core.quality import ThresholdPolicy
+from app.core.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
+from app.store.artifacts import load_version, save_version
 
 D = 12
 

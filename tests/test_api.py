@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from app.embedding import Embedder
-from app.items import parse_item
+from app.core.embedding import Embedder
+from app.core.items import parse_item
+from app.core.pipeline import score_encoded
 from app.launcher import running_server
-from app.pipeline import score_encoded
-from app.registry import ActiveSubspace
+from app.store.registry import ActiveSubspace
 from tests.support import fit_active, metric_value, wait_for, wait_job
 
 CLIENT, ADMIN = "client-token-1", "admin-token-1"

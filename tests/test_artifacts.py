@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.artifacts import (
+from app.config import PROJECT_ROOT
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.subspace import Subspace
+from app.store.artifacts import (
     ArtifactError,
     Manifest,
     active_version,
@@ -21,9 +24,6 @@ from app.artifacts import (
     set_active,
     version_files,
 )
-from app.config import PROJECT_ROOT
-from app.embedding import Embedder, EmbeddingConfig
-from app.subspace import Subspace
 from tests.support import demo_manifest, random_subspace
 
 
@@ -134,8 +134,9 @@ def test_per_kind_thresholds_and_fit_parameters_round_trip_and_old_manifests_sti
 def test_store_faults_are_server_faults_and_say_nothing_changed(tmp_path: Path) -> None:
     """A store that cannot be written (here: its root is a file) or read is a 5xx, not the caller's 422."""
     from app.api.errors import status_of
-    from app.artifacts import ArtifactError, CorruptVersion, StoreWriteError
-    from app.embedding import EmbeddingError, ModelFault
+    from app.core.embedding import EmbeddingError, ModelFault
+    from app.core.manifest import ArtifactError
+    from app.store.artifacts import CorruptVersion, StoreWriteError
 
     root = tmp_path / "models"
     root.write_text("not a directory")

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from app.batching import BatcherClosed, BatchStats, MicroBatcher, QueueFull
+from app.serving.batching import BatcherClosed, BatchStats, MicroBatcher, QueueFull
 
 
 class Tok(NamedTuple):
@@ -340,7 +340,7 @@ def test_process_error_fails_only_its_batch_and_worker_survives(caplog: pytest.L
         assert await batcher.submit([5], [1], key="bad") == [10]  # the worker lived on
         await batcher.stop()
 
-    with caplog.at_level(logging.ERROR, logger="app.batching"):
+    with caplog.at_level(logging.ERROR, logger="app.serving.batching"):
         run(main())
     assert [s.ok for s in stats].count(False) == 1
     assert any("failed" in r.getMessage() for r in caplog.records)  # logged, not swallowed
@@ -370,7 +370,7 @@ def test_cancelled_waiting_items_are_never_processed(caplog: pytest.LogCaptureFi
         assert batcher.queue_depth == 0
         await batcher.stop()
 
-    with caplog.at_level(logging.DEBUG, logger="app.batching"):
+    with caplog.at_level(logging.DEBUG, logger="app.serving.batching"):
         run(main())
     assert model.batches == [[1], [20]]  # 10 and 11 never reached process
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # dropping a result is not an error
@@ -511,7 +511,7 @@ def test_feeder_nice_lowers_every_thread_but_the_worker() -> None:
     # In a child process: priorities only ever go down, and pytest's own threads must keep theirs.
     code = """
 import asyncio, os, threading
-from app.batching import MicroBatcher
+from app.serving.batching import MicroBatcher
 
 def prio():
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.artifacts import ArtifactError, Manifest, load_version, save_version
-from app.calibration import (
+from app.config import PROJECT_ROOT
+from app.core.calibration import (
     CalibrationError,
     calibration_error,
     expected_calibration_error,
@@ -21,14 +21,15 @@ from app.calibration import (
     reliability_curve,
     squash,
 )
-from app.config import PROJECT_ROOT
-from app.embedding import Embedder
-from app.items import parse_item
+from app.core.embedding import Embedder
+from app.core.items import parse_item
+from app.core.manifest import ArtifactError, Manifest
+from app.core.pipeline import direct_embed, filter_record, fit_lines, line_record, parse_line, score_encoded
+from app.core.quality import ThresholdPolicy
+from app.core.report import write_report
 from app.launcher import running_server
-from app.pipeline import direct_embed, filter_record, fit_lines, line_record, parse_line, score_encoded
-from app.quality import ThresholdPolicy
-from app.registry import ActiveSubspace
-from app.report import write_report
+from app.store.artifacts import load_version, save_version
+from app.store.registry import ActiveSubspace
 from tests.support import FAST_OPTIONS, demo_manifest, random_subspace
 
 CLIENT = "client-token-cal"
@@ -39,7 +40,7 @@ def _logistic(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-# ----------------------------------------------------------------------------- pure: app/calibration.py
+# ----------------------------------------------------------------------------- pure: app/core/calibration.py
 def test_platt_recovers_a_known_logistic_per_kind() -> None:
     rng = np.random.default_rng(0)
     s = rng.normal(0, 2, 40_000)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app.artifacts import list_versions, load_version
 from app.cli import app
 from app.config import get_settings
-from app.pipeline import FitOptions
+from app.core.pipeline import FitOptions
+from app.store.artifacts import list_versions, load_version
 from tests.support import write_jsonl
 
 runner = CliRunner()

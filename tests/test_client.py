@@ -38,9 +38,9 @@ from saft_filter_client import (
     SaftError,
 )
 
-from app import schemas
+from app.api import schemas
 from app.config import PROJECT_ROOT
-from app.embedding import Embedder
+from app.core.embedding import Embedder
 from app.launcher import free_port, running_server
 from tests.support import fit_active
 

@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app as cli
-from app.crossval import EmbeddedPool, crossval, fit_subspace
-from app.embedstore import EmbeddingFile, EmbeddingFileError
-from app.pipeline import FitOptions
-from app.quality import ThresholdPolicy, choose_thresholds
-from app.subspace import FitError, MomentAccumulator, Subspace
+from app.core.crossval import EmbeddedPool, crossval, fit_subspace
+from app.core.embedstore import EmbeddingFile, EmbeddingFileError
+from app.core.pipeline import FitOptions
+from app.core.quality import ThresholdPolicy, choose_thresholds
+from app.core.subspace import FitError, MomentAccumulator, Subspace
 from tests.support import DATA_DIR, write_jsonl
 
 
@@ -115,7 +115,7 @@ def test_fit_subspace_matches_the_subspace_fit_options_describe() -> None:
 
 
 def test_embedding_file_refuses_other_weights_or_config(tmp_path: Path) -> None:
-    from app.embedding import EmbeddingConfig
+    from app.core.embedding import EmbeddingConfig
 
     config = EmbeddingConfig(layers=(20,), pooling="mean", template="judge", max_length=512)
     store = EmbeddingFile("abc", config)

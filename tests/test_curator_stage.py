@@ -15,9 +15,9 @@ from nemo_curator.stages.text.filters import Filter
 from nemo_curator.stages.text.io.reader.jsonl import JsonlReaderStage
 from nemo_curator.tasks import DocumentBatch
 
+from app.core.items import ItemError
 from app.integrations.curator_stage import SaftScore, keep
 from app.integrations.local import VERDICT_FIELDS
-from app.items import ItemError
 from tests.support import readme_example, saft_filter_reference, write_data
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a model in its actor

@@ -14,8 +14,8 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
+from app.core.items import ItemError, parse_sample
 from app.integrations.datatrove_filter import SaftFilter, document_row, row_adapter
-from app.items import ItemError, parse_sample
 from tests.support import readme_example, saft_filter_reference, write_data
 
 

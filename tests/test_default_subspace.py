@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.artifacts import check_compatible, load_version
 from app.config import PROJECT_ROOT
-from app.embedding import Embedder
-from app.items import parse_item
-from app.pipeline import FitOptions, direct_embed, score_encoded
+from app.core.embedding import Embedder
+from app.core.items import parse_item
+from app.core.pipeline import FitOptions, direct_embed, score_encoded
+from app.store.artifacts import check_compatible, load_version
 from tests.support import DATA_DIR
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.embedding import EMBEDDED_DECODER, Embedder, EmbeddingConfig, EmbeddingError, plan_batches, resolve_model_dir
-from app.items import parse_item
+from app.core.embedding import EMBEDDED_DECODER, BatchLimits, Embedder, EmbeddingConfig, EmbeddingError, resolve_model_dir
+from app.core.items import parse_item
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,7 +91,7 @@ def test_default_model_is_converted_once(embedder: Embedder, tmp_path: Path) -> 
 
 def test_a_gguf_file_is_a_model_converted_once_by_its_digest(embedder: Embedder) -> None:
     from app.config import get_settings
-    from app.embedding import _GGUF_FILE, _GGUF_PACKAGE, _package_dir
+    from app.core.embedding import _GGUF_FILE, _GGUF_PACKAGE, _package_dir
 
     cache = get_settings().model_cache_dir
     embedded = resolve_model_dir(EMBEDDED_DECODER, cache)
@@ -120,9 +120,9 @@ def test_local_directory_loads_like_the_embedded_default(embedder: Embedder) -> 
     assert _rel(local.forward(enc, EmbeddingConfig()), embedder.forward(enc, EmbeddingConfig())) < 1e-6
 
 
-def test_plan_batches_respects_budget_and_covers_all() -> None:
+def test_batch_plan_respects_budget_and_covers_all() -> None:
     lengths = [5, 300, 40, 41, 7, 1000, 3]
-    batches = plan_batches(lengths, max_batch_tokens=100, max_batch_size=2)
+    batches = BatchLimits(max_batch_tokens=100, max_batch_size=2).plan(lengths)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 2

@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
-from app.pipeline import DEFAULT_FIT_EMBEDDING, FitOptions, FitParams
-from app.quality import ThresholdPolicy
-from app.subspace import FitError
+from app.core.pipeline import DEFAULT_FIT_EMBEDDING, FitOptions, FitParams
+from app.core.quality import ThresholdPolicy
+from app.core.subspace import FitError
 
 
 def test_the_defaults_are_the_fit_options_defaults() -> None:

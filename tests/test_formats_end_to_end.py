@@ -20,12 +20,12 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from app.artifacts import load_version, save_version
 from app.cli import app
 from app.config import get_settings
-from app.embedding import Embedder
+from app.core.embedding import Embedder
+from app.core.pipeline import ONE_SAMPLE_PER_LINE, fit_lines, parse_line
 from app.launcher import running_server
-from app.pipeline import ONE_SAMPLE_PER_LINE, fit_lines, parse_line
+from app.store.artifacts import load_version, save_version
 from tests.support import DATA_DIR, FAST_OPTIONS
 
 runner = CliRunner()
@@ -376,7 +376,7 @@ def test_filter_eval_and_fit_read_a_saved_dataset(env: Path, data: Data, referen
                                                   calibration_rows: list[dict]) -> None:
     import datasets
 
-    from app.embedding import sha256_files
+    from app.core.embedding import sha256_files
 
     cases = _parquet_cases(data)["alpaca"] + _parquet_cases(data)["preference"]
     rows = [{**c.row, "id": f"d{i}"} for i, c in enumerate(cases)]

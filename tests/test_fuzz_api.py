@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given
 from schemathesis import GenerationMode
 
-from app.embedding import Embedder
+from app.core.embedding import Embedder
 from app.launcher import running_server
 from tests.support import fit_active
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.items import (
+from app.core.items import (
     JUDGE_TEMPLATE,
     PLAIN_PAIR_TEMPLATE,
     SHAPES,

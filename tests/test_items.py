@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.items import PLAIN_PAIR_TEMPLATE, Item, ItemError, make_formatter, parse_item, parse_label
+from app.core.items import PLAIN_PAIR_TEMPLATE, Item, ItemError, make_formatter, parse_item, parse_label
 
 
 def test_three_formats_parse_to_turns() -> None:

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from app.items import ItemError, parse_item
-from app.lines import (
+from app.core.items import ItemError, parse_item
+from app.core.lines import (
     SAFT_COLUMNS,
     Record,
     RecordFileError,

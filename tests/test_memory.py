@@ -1,4 +1,4 @@
-"""The heap controls of ``app.memory`` against this process's real glibc: statistics, trim, arena cap, throttling."""
+"""The heap controls of ``app.serving.memory`` against this process's real glibc: statistics, trim, arena cap."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 
-from app.memory import PeriodicTrim, heap_stats, limit_arenas, resident_bytes, trim
+from app.serving.memory import heap_stats, limit_arenas, resident_bytes, trim
 
 
 def test_heap_stats_see_a_freed_block_and_trim_returns_it() -> None:
@@ -27,15 +27,6 @@ def test_heap_stats_see_a_freed_block_and_trim_returns_it() -> None:
     # the free pages went back to the OS: resident memory falls by most of the 125 MiB freed
     assert rss_freed is not None and rss_trimmed is not None and rss_trimmed < rss_freed - 80 * 2**20, (rss_freed, rss_trimmed)
     assert len(blocks) == 2000  # the live half stays (and keeps the heap from shrinking on its own)
-
-
-def test_periodic_trim_trims_at_most_once_per_interval_and_never_when_off() -> None:
-    every_hour = PeriodicTrim(3600)
-    assert not every_hour.maybe_trim() and every_hour.trims == 0  # the interval counts from creation
-    always = PeriodicTrim(1e-9)
-    assert always.maybe_trim() and always.maybe_trim() and always.trims == 2
-    off = PeriodicTrim(0)
-    assert not off.maybe_trim() and off.trims == 0
 
 
 def test_limit_arenas_takes_a_positive_cap_and_ignores_zero() -> None:

@@ -22,10 +22,10 @@ from openai import OpenAI
 from openai.types import Moderation, ModerationCreateResponse
 
 from app import __version__
-from app.artifacts import save_version
 from app.config import Settings
-from app.embedding import Embedder
+from app.core.embedding import Embedder
 from app.launcher import running_server
+from app.store.artifacts import save_version
 from tests.support import fit_active, metric_value
 
 CLIENT, ADMIN = "client-token-mod", "admin-token-mod"

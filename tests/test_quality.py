@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.quality import ThresholdError, ThresholdPolicy, choose_threshold, grouped_quality, quality
+from app.core.quality import ThresholdError, ThresholdPolicy, choose_threshold, grouped_quality, quality
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.batching import QueueFull
-from app.ratelimit import RateLimited, RateLimiter
+from app.serving.batching import QueueFull
+from app.serving.ratelimit import RateLimited, RateLimiter
 
 
 class Clock:

@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
-from app.cache import CachedEmbedding, EmbeddingCache, cache_key
-from app.embedding import EmbeddingConfig
-from app.fleet import MANIFEST, TENSORS, Fleet, FleetUnavailable, LockLost, RefitLocked, VersionConflict
+from app.core.embedding import EmbeddingConfig, cache_key
+from app.serving.cache import CachedEmbedding, EmbeddingCache
+from app.store.fleet import MANIFEST, TENSORS, Fleet, FleetUnavailable, LockLost, RefitLocked, VersionConflict
 from tests.support import RedisServer
 
 

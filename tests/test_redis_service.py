@@ -6,9 +6,9 @@ import asyncio
 from pathlib import Path
 
 from app.config import Settings
-from app.embedding import Embedder
-from app.items import parse_item
-from app.service import RegistryUnavailable, ScoringService
+from app.core.embedding import Embedder
+from app.core.items import parse_item
+from app.serving.service import RegistryUnavailable, ScoringService
 from tests.support import RedisServer, install_default_v1
 
 

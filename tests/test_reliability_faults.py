@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.embedding import Embedder
+from app.core.embedding import Embedder
 from app.launcher import start_server, stop_server
 from tests.support import fit_active, wait_job
 
@@ -44,7 +44,7 @@ def open_fds(pid: int) -> int:
 WRITER = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
-    from app.artifacts import load_version, save_version
+    from app.store.artifacts import load_version, save_version
     root, name, limit, die = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "die"
     subspace, manifest = load_version(root, name)
     # RLIMIT_FSIZE: the kernel refuses to grow any file past `limit` bytes, as a full disk would.
@@ -135,7 +135,7 @@ def test_disk_full_while_writing_is_a_clear_error_and_writes_nothing(tmp_path: P
     failed = _write_with_limit(models, "apitest", 4096, die=False)
     assert failed.returncode == 1
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("app.artifacts.StoreWriteError: subspace apitest: writing a new version under"), failed.stderr
+    assert last.startswith("app.store.artifacts.StoreWriteError: subspace apitest: writing a new version under"), failed.stderr
     assert "File too large" in last and "nothing was published" in last
     assert tree_digest(models) == before  # no version, no temp dir, ACTIVE untouched
     # Room again: the same write succeeds and publishes v2.

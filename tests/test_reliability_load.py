@@ -14,6 +14,7 @@ import pytest
 
 from app.launcher import start_server, stop_server
 from bench.soak import SERVER_ENV, Phase, run_phases
+from tests.support import metric_value
 
 
 @pytest.mark.slow
@@ -33,6 +34,7 @@ def test_overload_sheds_with_retry_after_and_recovers(tmp_path: Path) -> None:
         assert over.statuses[429] > 0 and over.statuses[200] > 0, over.summary()  # load shed, not collapse
         assert recovery.statuses[429] == 0 and recovery.statuses[200] > 0, recovery.summary()  # back to normal
         assert httpx.get(f"{url}/readyz").json()["queue_depth"] == 0
+        assert metric_value(httpx.get(f"{url}/metrics").text, "saft_heap_trims_total") >= 2  # every SAFT_MALLOC_TRIM_INTERVAL_S (10 s) over 40 s
         growth = recovery.rss_mb[-1] - warm.rss_mb[-1]
         print(f"RSS after warm-up {warm.rss_mb[-1]} MB, at the end {recovery.rss_mb[-1]} MB (growth {growth:+.1f} MB)")
         print([p.summary() for p in (warm, over, recovery)])

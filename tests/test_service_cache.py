@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.config import PROJECT_ROOT, Settings
-from app.embedding import Embedder
-from app.items import Item, parse_item
-from app.service import ScoringService
+from app.core.embedding import Embedder
+from app.core.items import Item, parse_item
+from app.serving.service import ScoringService
 
 
 def _counter(name: str, **labels: str) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.embedding import Embedder, EmbeddingConfig
-from app.items import parse_item
-from app.subspace import FitError, MomentAccumulator, NotFittedError, Subspace
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.items import parse_item
+from app.core.subspace import FitError, MomentAccumulator, NotFittedError, Subspace
 
 
 @pytest.fixture(scope="module")

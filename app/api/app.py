@@ -19,7 +19,7 @@ from app import __version__, metrics
 from app.api import errors, health, info, moderations, score, subspace
 from app.api.errors import BodyTimeout, PayloadTooLarge
 from app.config import Settings, get_settings
-from app.service import ScoringService
+from app.serving.service import ScoringService
 
 log = logging.getLogger("saft.access")
 request_id: ContextVar[str] = ContextVar("request_id", default="-")

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import Forbidden, Unauthorized
-from app.service import ScoringService
+from app.serving.service import ScoringService
 
 bearer = HTTPBearer(auto_error=False)
 

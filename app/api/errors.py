@@ -12,14 +12,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException
 
-from app.artifacts import ArtifactError, CorruptVersion, StoreWriteError
-from app.batching import BatcherClosed, QueueFull
-from app.embedding import EmbeddingError, ModelFault
-from app.items import ItemError
-from app.quality import ThresholdError
-from app.ratelimit import RateLimited
-from app.service import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
-from app.subspace import FitError
+from app.core.embedding import EmbeddingError, ModelFault
+from app.core.items import ItemError
+from app.core.manifest import ArtifactError
+from app.core.pipeline import validation_message
+from app.core.quality import ThresholdError
+from app.core.subspace import FitError
+from app.serving.batching import BatcherClosed, QueueFull
+from app.serving.ratelimit import RateLimited
+from app.serving.service import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
+from app.store.artifacts import CorruptVersion, StoreWriteError
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +96,6 @@ def error_response(exc: BaseException) -> ORJSONResponse:
     return ORJSONResponse({"error": message, "type": kind}, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for e in exc.errors()[:10]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else f"body: {msg}")
-    return "; ".join(parts)
-
-
 def _http_error(exc: HTTPException) -> ORJSONResponse:
     """Starlette's own errors (unknown route, wrong method, unparsable body) in this table's shape."""
     if exc.status_code == 400 and exc.__cause__ is not None:
@@ -120,7 +113,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
-        return ORJSONResponse({"error": _validation_message(exc), "type": "invalid_input"}, status_code=422)
+        return ORJSONResponse({"error": validation_message(exc.errors()), "type": "invalid_input"}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> ORJSONResponse:

@@ -7,7 +7,7 @@ from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import get_service
-from app.service import ScoringService
+from app.serving.service import ScoringService
 
 router = APIRouter(tags=["health"])
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends
 
 from app import __version__
 from app.api.deps import get_service, require_client
-from app.schemas import InfoLimits, InfoModel, InfoResponse, InfoSubspace
-from app.service import ScoringService
+from app.api.schemas import InfoLimits, InfoModel, InfoResponse, InfoSubspace
+from app.serving.service import ScoringService
 
 router = APIRouter(tags=["health"], dependencies=[Depends(require_client)])
 

@@ -15,10 +15,10 @@ from fastapi import APIRouter, Depends
 
 from app.api.deps import get_service, require_client
 from app.api.errors import PayloadTooLarge
-from app.calibration import squash
-from app.pipeline import Scored
-from app.schemas import HARMFUL, ModerationRequest, ModerationResponse, ModerationResult, ModerationScore
-from app.service import ScoringService
+from app.api.schemas import HARMFUL, ModerationRequest, ModerationResponse, ModerationResult, ModerationScore
+from app.core.calibration import squash
+from app.core.pipeline import Scored
+from app.serving.service import ScoringService
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_client)])
 

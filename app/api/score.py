@@ -9,6 +9,7 @@ import tempfile
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Literal
 
 import anyio
@@ -21,11 +22,11 @@ from starlette.types import Receive, Scope, Send
 from app import metrics
 from app.api.deps import get_service, require_client
 from app.api.errors import BodyTimeout, PayloadTooLarge, UnsupportedEncoding
-from app.items import ItemError, Shape, parse_columns
-from app.pipeline import Line, merge_sides, parse_line, side_records
-from app.registry import ActiveSubspace
-from app.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
-from app.service import ItemTooLarge, ScoringService
+from app.api.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
+from app.core.items import ItemError, Shape, parse_columns
+from app.core.pipeline import Line, line_record, merge_back, merge_sides, parse_line, scorable, side_records
+from app.serving.service import ItemTooLarge, ScoringService
+from app.store.registry import ActiveSubspace
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_client)])
@@ -249,6 +250,16 @@ async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape
         yield None if number + 1 < start_line else parse_line(number + 1, bytes(buffer), shape, columns)
 
 
+def _size_checked(line: Line, service: ScoringService) -> Line:
+    """The line, or an error line where one of its items is above the service's size limit."""
+    try:
+        for item in line.items:
+            service.check_size(item, "item")
+    except ItemTooLarge as err:
+        return replace(line, item=None, sides=(), error=str(err))
+    return line
+
+
 @router.post(
     "/filter",
     summary="Filter a JSONL/NDJSON stream; one record per input line, then a summary",
@@ -284,41 +295,23 @@ async def filter_stream(
         pending: list[Line] = []
 
         async def flush() -> AsyncIterator[bytes]:
-            valid: list[Line] = []
-            errors: dict[int, str] = {}
-            for line in pending:
-                if line.item is None:
-                    errors[line.number] = line.error or "invalid"
-                    continue
-                try:
-                    for item in line.items:
-                        service.check_size(item, "item")
-                    valid.append(line)
-                except ItemTooLarge as err:
-                    errors[line.number] = str(err)
+            checked = [_size_checked(line, service) for line in pending]
+            valid, items = scorable(checked)
             # A stream cannot answer 429 halfway: it stands in line for capacity, ahead of later callers.
-            items = [item for line in valid for item in line.items]
-            scored = merge_sides(valid, await service.score(items, snapshot, threshold, wait=True, caller=caller)) if valid else []
-            by_number = {line.number: s for line, s in zip(valid, scored, strict=True)}
-            for line in pending:
+            item_results = await service.score(items, snapshot, threshold, wait=True, caller=caller) if items else []
+            for line, s in merge_back(checked, valid, item_results):
                 counts["total"] += 1
                 if line.shape is not None:
                     shapes[line.shape] += 1
-                if line.number in errors:
+                if s is None:
                     counts["rejected"] += 1
                     metrics.REJECTED_LINES.inc()
-                    yield orjson.dumps({"line": line.number, "error": errors[line.number]}) + b"\n"
+                    yield orjson.dumps(line_record(line, None)) + b"\n"
                     continue
-                s = by_number[line.number]
                 counts["kept" if s.verdict == "keep" else "dropped"] += 1
                 if emit == "all" or (emit == "kept") == (s.verdict == "keep"):
-                    rec = {"line": line.number, "id": (line.obj or {}).get("id"), "verdict": s.verdict, "score": s.score,
-                           "threshold": s.threshold, "truncated": s.truncated, "n_tokens": s.n_tokens, "item": line.obj}
-                    if s.probability is not None:
-                        rec["probability"] = s.probability
-                    if s.sides:
-                        rec["sides"] = side_records(s)
-                    yield orjson.dumps(rec) + b"\n"
+                    # the one record shape (``line_record``, as ``saft score`` writes it), with the line's object
+                    yield orjson.dumps({"id": None, **line_record(line, s), "item": line.obj}) + b"\n"
             pending.clear()
 
         aborted = None

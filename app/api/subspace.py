@@ -10,14 +10,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
-from app.anchoring import Activation
 from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
-from app.artifacts import ArtifactError, CorruptVersion, check_version, scratch_prefix
-from app.pipeline import FitParams
-from app.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
-from app.service import REFIT_UPLOAD, ScoringService
-from app.subspace import FitError
+from app.api.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
+from app.core.anchoring import Activation
+from app.core.manifest import ArtifactError
+from app.core.pipeline import FitParams
+from app.core.subspace import FitError
+from app.serving.service import REFIT_UPLOAD, ScoringService
+from app.store.artifacts import CorruptVersion, check_version, scratch_prefix
 
 router = APIRouter(prefix="/subspace", tags=["subspace"])
 

@@ -6,7 +6,7 @@ batches it is given together. Each row gains the ``VERDICT_FIELDS`` columns (``s
 ``saft_verdict`` — keep / drop / rejected — ``saft_threshold``, ``saft_kind``, ``saft_error``), on which Curator's own
 ``Filter`` acts: ``Filter(filter_fn=keep, filter_field="saft_verdict")`` keeps the rows ``saft filter`` keeps.
 
-Rows are read from the batch's Arrow form (``app.lines.batch_rows``: nulls are absent keys, so a table mixing shapes
+Rows are read from the batch's Arrow form (``app.core.lines.batch_rows``: nulls are absent keys, so a table mixing shapes
 reads as its JSONL lines do). Imported only by pipelines that use it (needs the ``curator`` extra); owns no scoring and
 no item parsing.
 """
@@ -23,8 +23,8 @@ from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.stages.resources import Resources
 from nemo_curator.tasks import DocumentBatch
 
+from app.core.lines import batch_rows
 from app.integrations.local import VERDICT_FIELDS, LocalScorer, check_shape, verdict_fields
-from app.lines import batch_rows
 
 
 def keep(verdict: str) -> bool:
@@ -43,7 +43,7 @@ class SaftScore(ProcessingStage[DocumentBatch, DocumentBatch]):
     """Scores every row with a subspace version (default: the active version of ``SAFT_SUBSPACE_NAME``).
 
     ``threshold`` overrides τ; ``shape`` and ``columns`` are ``saft filter --format/--columns``'s (a row is any
-    ``app.items`` shape, read from all of its columns). Settings (model cache, device, batch limits) come from the
+    ``app.core.items`` shape, read from all of its columns). Settings (model cache, device, batch limits) come from the
     ``SAFT_*`` environment of the worker. ``resources`` reserves a worker's CPUs (``Resources(gpus=1.0)`` for one GPU).
     """
 

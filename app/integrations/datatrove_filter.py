@@ -22,11 +22,11 @@ from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
+from app.core.items import ItemError, make_formatter, parse_sample
+from app.core.pipeline import json_default
 from app.integrations.local import LocalScorer, check_shape, verdict_fields
-from app.items import ItemError, make_formatter, parse_sample
-from app.pipeline import json_default
 
-#: The key of the sample's text in a row as saft reads it (``app.items``'s ``text`` shape), and datatrove's default.
+#: The key of the sample's text in a row as saft reads it (``app.core.items``'s ``text`` shape), and datatrove's default.
 TEXT_KEY = "text"
 
 
@@ -36,7 +36,7 @@ def document_row(doc: Document, text_key: str | None = TEXT_KEY) -> dict[str, An
     ``row_adapter``'s documents, whose text is not in the row, it holds ``None``). ``text_key=None``: never put back,
     for documents whose text is not part of the sample.
 
-    ``app.items`` then reads the row as ``saft filter`` reads the line: a structured shape in the metadata
+    ``app.core.items`` then reads the row as ``saft filter`` reads the line: a structured shape in the metadata
     (``messages``, ``prompt``/``response``, ``conversations``, …) wins over the text, else the text is the sample.
     """
     row = dict(doc.metadata)
@@ -54,7 +54,7 @@ def row_adapter(self: Any, data: dict[str, Any], path: str, id_in_file: int | st
     default adapter hands to the reader without a text, to be skipped.
 
     A row with a text becomes the document the default adapter makes (the text out of the row, the rest the metadata).
-    Any other row stays whole in the metadata, its ``text_key`` set to ``None`` (null is absent to ``app.items``, and
+    Any other row stays whole in the metadata, its ``text_key`` set to ``None`` (null is absent to ``app.core.items``, and
     tells ``document_row`` the text is not the row's), and the document's text is a plain rendering of its sample, for
     the pipeline's other steps; or the row as JSON when it is no sample, so that the filter drops it with its reason
     rather than the reader skipping it."""

@@ -2,7 +2,7 @@
 
 ``LocalScorer`` loads the model and a subspace version once, as ``saft filter`` loads them (settings →
 ``load_version`` → ``Embedder.from_settings`` → ``check_compatible`` → ``direct_embed``; the model once per process), and scores rows (decoded
-objects in any ``app.items`` shape) with ``app.pipeline``'s ``parse_line`` and ``score_lines``: a row gets the verdict
+objects in any ``app.core.items`` shape) with ``app.core.pipeline``'s ``parse_line`` and ``score_lines``: a row gets the verdict
 ``saft filter`` gives the same line. ``verdict_fields`` is what a pipeline stores beside the row.
 
 Owns no scoring, parsing or formatting of its own, and knows no pipeline framework (datatrove and Curator types stay in
@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
-from app.artifacts import check_compatible, load_version
 from app.config import Settings, get_settings
-from app.embedding import Embedder
-from app.items import SHAPES, ItemError, Shape
-from app.pipeline import Line, Scored, direct_embed, parse_line, score_lines
+from app.core.embedding import Embedder
+from app.core.items import SHAPES, ItemError, Shape
+from app.core.pipeline import Line, Scored, direct_embed, parse_line, score_lines
+from app.store.artifacts import check_compatible, load_version
 
 #: The fields ``verdict_fields`` gives every row, in order: the score and P(harmful) (None in a version without
 #: calibration), keep / drop / rejected, the τ that decided it, the item kind (text / pair) and a rejected row's reason.
@@ -29,7 +29,7 @@ Reading = Shape | Literal["auto"]
 
 
 def check_shape(shape: str) -> Reading:
-    """``shape`` when ``app.items`` reads it ("auto" or one of ``SHAPES``), said at construction rather than on every row."""
+    """``shape`` when ``app.core.items`` reads it ("auto" or one of ``SHAPES``), said at construction rather than on every row."""
     if shape != "auto" and shape not in SHAPES:
         raise ItemError("shape", f"must be 'auto' or one of {', '.join(SHAPES)}, got {shape!r}")
     return cast(Reading, shape)  # checked just above
@@ -42,7 +42,8 @@ _EMBEDDERS: dict[tuple[Any, ...], Embedder] = {}
 
 def shared_embedder(settings: Settings, model: str) -> Embedder:
     """``Embedder.from_settings(settings, model)``, loaded once per process."""
-    key = (model, str(settings.model_cache_dir), settings.device, settings.dtype, settings.num_threads)
+    key = (model, str(settings.model_cache_dir), settings.device, settings.dtype, settings.num_threads, settings.max_batch_tokens,
+           settings.max_batch_size)
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = Embedder.from_settings(settings, model)
     return _EMBEDDERS[key]
@@ -59,11 +60,11 @@ class LocalScorer:
         self.subspace, self.manifest = load_version(settings.models_dir, subspace or settings.subspace_name, version)
         self.embedder = shared_embedder(settings, self.manifest.model_id)
         check_compatible(self.manifest, self.embedder)
-        self.embed = direct_embed(self.embedder, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size)
+        self.embed = direct_embed(self.embedder)  # from_settings: the configured batch limits
 
     def score_rows(self, rows: Sequence[Mapping[str, Any] | str]) -> list[tuple[Line, Scored | None]]:
         """Each row (in order) as a ``Line`` numbered from 1, with its verdict, or ``None`` and the reason in
-        ``line.error`` for a row that is no valid sample. A ``str`` row is that row's error already (``app.lines.batch_rows``
+        ``line.error`` for a row that is no valid sample. A ``str`` row is that row's error already (``app.core.lines.batch_rows``
         gives one for a value Python cannot hold)."""
         lines = [Line(i, None, None, None, row) if isinstance(row, str) else parse_line(i, dict(row), self.shape, self.columns)
                  for i, row in enumerate(rows, start=1)]

@@ -1,8 +1,8 @@
 """The wire format of saft-filter's HTTP API: every request and response body a client sends or reads.
 
-This module is the one definition of these shapes. The service imports it (``app.schemas`` re-exports it
+This module is the one definition of these shapes. The service imports it (``app.api.schemas`` re-exports it
 and adds, by subclassing, what only the service can check: that an item's keys fit a known shape, read
-by ``app.items``), so a client and the service cannot drift apart. It must stay importable with pydantic
+by ``app.core.items``), so a client and the service cannot drift apart. It must stay importable with pydantic
 alone: no torch, numpy or ``app`` import here, ever (``tests/test_client.py`` and an import-linter
 contract check it).
 
@@ -47,7 +47,7 @@ Side = str | list[Message]
 
 
 class ItemIn(BaseModel):
-    """One sample in any shape ``saft`` reads (``app.items.SHAPES``), detected from its keys; ``id`` is echoed back.
+    """One sample in any shape ``saft`` reads (``app.core.items.SHAPES``), detected from its keys; ``id`` is echoed back.
 
     Keys fitting no shape, or two, are refused naming the keys and the shapes; other fields are metadata, ignored.
     """

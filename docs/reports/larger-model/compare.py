@@ -6,7 +6,7 @@ any such model — and the response-mean pooling of the default). The subsample 
 whole groups at a time (seed 0): 2,661 items, every one of the pool's 42 sources. The 135M rows are read from the
 full pool's cache by (file, line), so both models are judged on the very same items.
 
-Every figure is the product's own source-held-out evaluation (``app.crossval``, the code behind ``saft crossval``)
+Every figure is the product's own source-held-out evaluation (``app.core.crossval``, the code behind ``saft crossval``)
 with ``FitOptions()``'s defaults (shrinkage LDA 0.5, centering per kind, every source weighing the same, τ per kind at
 5% FPR chosen inside each fold): per data kind the AUROC of the pooled out-of-source scores and TPR at 5% FPR; per
 source the share dropped (benign) or caught (harmful) at τ; by source and by family.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.crossval import EmbeddedPool, crossval
-from app.pipeline import FitOptions
+from app.core.crossval import EmbeddedPool, crossval
+from app.core.pipeline import FitOptions
 
 HERE = Path(__file__).parent
 FAMILIES = json.loads((HERE.parent / "quality-r3" / "families.json").read_text())
@@ -54,7 +54,7 @@ def read_cache(cache: Path, layers_idx: list[int], pooling: str, rows_idx: np.nd
 
 
 def evaluate(X: np.ndarray, rows: list[dict], by: str, nested: bool) -> dict:
-    """``app.crossval``'s own figures (``app.quality``'s metrics of the pooled out-of-fold scores), per kind and source."""
+    """``app.core.crossval``'s own figures (``app.core.quality``'s metrics of the pooled out-of-fold scores), per kind and source."""
     pool = EmbeddedPool(X.astype(np.float32), np.asarray([r["label"] for r in rows]), [r["item_kind"] for r in rows],
                         [r["kind"] for r in rows], [r["source"] for r in rows], [r["group"] for r in rows])
     # nested: τ per fold as the product sets it (on the training sources' own held-out scores; 42 x 41 fits a

@@ -3,8 +3,8 @@ import sys, glob, json, itertools
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, "/work/main")
-from app.subspace import Subspace
-from app.quality import quality
+from app.core.subspace import Subspace
+from app.core.quality import quality
 
 def load(d):
     parts = [dict(np.load(f)) for f in sorted(glob.glob(f"{d}/shard*.npz"))]

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, "/work/notes/emb"); sys.path.insert(0, "/work/main")
 from analyze import load, feats
-from app.subspace import Subspace
-from app.quality import quality
+from app.core.subspace import Subspace
+from app.core.quality import quality
 
 D = load(sys.argv[1])
 groups = {}

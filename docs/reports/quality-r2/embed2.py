@@ -1,13 +1,13 @@
 """Embed calibration+dev in a random, priority-weighted order so that any prefix is a uniform random
-subsample within each (file, kind, label) cell. Layers x poolings in one pass (app.sweep.embed_set,
+subsample within each (file, kind, label) cell. Layers x poolings in one pass (app.core.sweep.embed_set,
 the same encode/forward_multi/pool code as fit/score). Shards of 64 lines, resumable."""
 import json, sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, "/work/main")
-from app.embedding import Embedder, EmbeddingConfig
-from app.pipeline import parse_line
-from app.sweep import embed_set
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.pipeline import parse_line
+from app.core.sweep import embed_set
 
 LAYERS = [int(x) for x in sys.argv[1].split(",")]
 MAXLEN = int(sys.argv[2])

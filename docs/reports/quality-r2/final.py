@@ -1,13 +1,13 @@
 """Variants on the cached random subsample, 256 vs 512 tokens on the SAME items.
 Grouped 5-fold CV over calibration+dev items (folds by the data's `group`) and the calibration->dev split.
-Fits with app.subspace.Subspace (the code saft fit uses). Writes JSON rows to argv[1]."""
+Fits with app.core.subspace.Subspace (the code saft fit uses). Writes JSON rows to argv[1]."""
 import sys, json, hashlib, itertools
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, "/work/notes/emb"); sys.path.insert(0, "/work/main")
 from analyze import load, feats
-from subspace_kind import Subspace  # app/subspace.py + the per-kind basis (patches/my-subspace.patch)
-from app.quality import quality
+from subspace_kind import Subspace  # app/core/subspace.py + the per-kind basis (patches/my-subspace.patch)
+from app.core.quality import quality
 
 LENGTHS = (512,) if len(sys.argv) > 2 and sys.argv[2] == "512only" else (256, 512)
 caches = {L: load(f"/work/notes/emb/L12-16-20_M{L}") for L in LENGTHS}

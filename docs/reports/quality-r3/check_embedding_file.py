@@ -1,5 +1,5 @@
 """Check an embedding file against fresh product embeddings: a random sample of pool lines is embedded now
-(``app.pipeline.direct_embed``, float32) and compared with the rows the file serves for the same text.
+(``app.core.pipeline.direct_embed``, float32) and compared with the rows the file serves for the same text.
 
     .venv/bin/python docs/reports/quality-r3/check_embedding_file.py --file /work/cache/emb-chat-resp-16.npz \
         --layers 16 --pooling response --n 24
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.embedding import Embedder, EmbeddingConfig
-from app.embedstore import EmbeddingFile, StoredEmbed
-from app.items import parse_item
-from app.pipeline import direct_embed
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.embedstore import EmbeddingFile, StoredEmbed
+from app.core.items import parse_item
+from app.core.pipeline import direct_embed
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.embedding import Embedder, EmbeddingConfig, plan_batches
-from app.items import ItemError, parse_item
+from app.core.embedding import Embedder, EmbeddingConfig, plan_batches
+from app.core.items import ItemError, parse_item
 
 FILES = ("calibration", "dev_eval", "extra_sources")
 LAYERS = (4, 8, 12, 16, 20)

@@ -3,7 +3,7 @@
 Reads the cache of ``embed_pool.py``. For each variant and each held-out source (or family), fits on the rest
 and scores the held-out items; reports per data kind (prompt / text / pair) the AUROC of the pooled
 out-of-source scores, TPR at 5% FPR, and per source the share dropped (benign) or caught (harmful) at a
-per-kind τ set at 5% FPR on the training items (``app.crossval``, the code behind ``saft crossval``).
+per-kind τ set at 5% FPR on the training items (``app.core.crossval``, the code behind ``saft crossval``).
 
     .venv/bin/python docs/reports/quality-r3/search.py --cache /work/cache/pool --out docs/reports/quality-r3/search.json
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from app.crossval import EmbeddedPool, crossval
-from app.pipeline import FitOptions
-from app.quality import ThresholdPolicy
+from app.core.crossval import EmbeddedPool, crossval
+from app.core.pipeline import FitOptions
+from app.core.quality import ThresholdPolicy
 
 FAMILIES = json.loads((Path(__file__).parent / "families.json").read_text())
 FAMILY_OF = {s: f for f, ss in FAMILIES.items() if not f.startswith("_") for s in ss}
@@ -70,7 +70,7 @@ def tpr_at(y, s, fpr=0.05):
 
 
 def crossval_variant(X, have, pool: Pool, by: str, *, balance, shrinkage, center, nuisance):
-    """The product's own source-held-out evaluation (``app.crossval``) on cached vectors."""
+    """The product's own source-held-out evaluation (``app.core.crossval``) on cached vectors."""
     idx = np.flatnonzero(have)
     ep = EmbeddedPool(X[idx].astype(np.float32), pool.label[idx], pool.item_kind[idx].tolist(), pool.kind[idx].tolist(),
                       pool.source[idx].tolist(), pool.group[idx].tolist())

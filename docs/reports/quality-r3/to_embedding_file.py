@@ -4,7 +4,7 @@ so ``saft fit`` / ``saft crossval`` / ``saft eval`` run on the cached pool with 
     .venv/bin/python docs/reports/quality-r3/to_embedding_file.py --cache /work/cache/pool --template judge \
         --pooling last --layer 16 --out /work/cache/judge-last-16.npz
 
-Keys are the product's own (``app.cache.cache_key`` of the weights, the config and the formatted text), so a
+Keys are the product's own (``app.serving.cache.cache_key`` of the weights, the config and the formatted text), so a
 row can only ever answer for the very text and config it was computed from. The cache is float16; the
 file stores those values as float32 (the difference to a fresh float32 pass is measured in
 ``check_embedding_file.py``).
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.cache import cache_key
-from app.embedding import Embedder, EmbeddingConfig
-from app.embedstore import EmbeddingFile
-from app.items import parse_item
+from app.serving.cache import cache_key
+from app.core.embedding import Embedder, EmbeddingConfig
+from app.core.embedstore import EmbeddingFile
+from app.core.items import parse_item
 
 LAYERS = (4, 8, 12, 16, 20)
 POOLING_NAME = {"mean": "mean", "last": "last", "resp": "response"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.embedding import EmbeddingConfig
-from app.embedstore import EmbeddingFile, StoredEmbed
-from app.pipeline import DEFAULT_FIT_EMBEDDING, chunks, read_file, single_sample
+from app.core.embedding import EmbeddingConfig
+from app.core.embedstore import EmbeddingFile, StoredEmbed
+from app.core.pipeline import DEFAULT_FIT_EMBEDDING, chunks, read_file, single_sample
 from app.cli import _load_embedder
 
 DATA = Path("../shared/data")

@@ -9,7 +9,7 @@ held-back half; each strategy refits on the upload and is scored on the held-bac
 - default: the active version, unchanged;
 - saft: the paper's unlabeled SAFT score fitted on the upload alone, τ dropping its top 10% (the old refit);
 - anchored(ω): the stored statistics plus the upload pseudo-labelled by the active version's verdicts, as ω
-  sources; τ carried over (``app.anchoring.carry_thresholds``);
+  sources; τ carried over (``app.core.anchoring.carry_thresholds``);
 - labelled(ω): the stored statistics plus the labelled upload as ω sources (τ carried, or at 5% FPR of the
   upload's labelled lines);
 - partial(m, ω): m labelled upload lines as ω sources, the rest pseudo-labelled;
@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from app.anchoring import AnchorWeights, GuardBounds, carry_thresholds, combined_accumulator, compare, guard, pseudo_labels
-from app.crossval import EmbeddedPool, crossval
-from app.pipeline import FitOptions
+from app.core.anchoring import AnchorWeights, GuardBounds, carry_thresholds, combined_accumulator, compare, guard, pseudo_labels
+from app.core.crossval import EmbeddedPool, crossval
+from app.core.pipeline import FitOptions
 from sklearn.metrics import roc_auc_score as auroc
 
-from app.quality import ThresholdPolicy, choose_thresholds
-from app.subspace import FitError, MomentAccumulator, Subspace
+from app.core.quality import ThresholdPolicy, choose_thresholds
+from app.core.subspace import FitError, MomentAccumulator, Subspace
 
 FAMILIES = json.loads(Path("docs/reports/quality-r3/families.json").read_text())
 FAMILY_OF = {s: f for f, members in FAMILIES.items() if not f.startswith("_") for s in members}

@@ -20,18 +20,19 @@ from typing import Any
 import numpy as np
 
 from app import metrics
-from app.anchoring import Activation, GuardBounds, decide_activation
-from app.artifacts import VERSION_RE, ArtifactError, Manifest, remove_stale_scratch_in
-from app.batching import BatchStats, MicroBatcher, QueueFull
-from app.cache import CachedEmbedding, EmbeddingCache, cache_key
 from app.config import Settings
-from app.embedding import Embedder, EmbeddingConfig, Encoded
-from app.fleet import Fleet, FleetUnavailable, RefitLease, RefitLocked, VersionConflict
-from app.items import Item
-from app.memory import PeriodicTrim, heap_stats
-from app.pipeline import FitOptions, Scored, file_digest, fit_lines, read_lines, score_encoded
-from app.ratelimit import RateLimited, RateLimiter
-from app.registry import ActiveSubspace, SubspaceRegistry
+from app.core.anchoring import Activation, GuardBounds, decide_activation
+from app.core.embedding import Embedder, EmbeddingConfig, Encoded, cache_key
+from app.core.items import Item
+from app.core.manifest import ArtifactError, Manifest
+from app.core.pipeline import FitOptions, Scored, file_digest, fit_lines, read_lines, score_encoded
+from app.serving.batching import BatchStats, MicroBatcher, QueueFull
+from app.serving.cache import CachedEmbedding, EmbeddingCache
+from app.serving.memory import heap_stats, trim
+from app.serving.ratelimit import RateLimited, RateLimiter
+from app.store.artifacts import VERSION_RE, remove_stale_scratch_in
+from app.store.fleet import Fleet, FleetUnavailable, RefitLease, RefitLocked, VersionConflict
+from app.store.registry import ActiveSubspace, SubspaceRegistry
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class ScoringService:
         self._refit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
-        self.heap_trim = PeriodicTrim(settings.malloc_trim_interval_s)
+        self._trim_task: asyncio.Task[None] | None = None
         metrics.CACHE_BYTES.set_function(lambda: self.cache.local_bytes)
         for state in ("in_use", "free", "mmapped"):
             metrics.HEAP_BYTES.labels(state).set_function(functools.partial(_heap_field, state))
@@ -163,6 +164,8 @@ class ScoringService:
             self._fleet_task = asyncio.create_task(self._fleet_loop(), name="fleet")
         await asyncio.to_thread(self._warm_up, snapshot)
         self.batcher.start()
+        if self.settings.malloc_trim_interval_s > 0:
+            self._trim_task = asyncio.create_task(self._trim_heap_loop(self.settings.malloc_trim_interval_s), name="heap-trim")
         self.ready = snapshot is not None
 
     def begin_shutdown(self) -> None:
@@ -171,6 +174,14 @@ class ScoringService:
         self.ready = False
         grace = self.settings.shutdown_grace_s
         asyncio.get_running_loop().call_later(grace, self._shed_after_grace, grace)
+
+    async def _trim_heap_loop(self, interval_s: float) -> None:
+        """Every ``interval_s``, hand glibc's free heap pages back to the OS (off the loop's thread): freed activations
+        of past batches otherwise stay resident at every arena's high-water mark (RELIABILITY.md, Memory)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(trim)
+            metrics.HEAP_TRIMS.inc()
 
     def _shed_after_grace(self, grace: float) -> None:
         shed = self.batcher.shed_waiting(f"the server is shutting down: this work did not start within the {grace:g} s grace; "
@@ -181,9 +192,10 @@ class ScoringService:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop(drain=True)
-        if self._fleet_task is not None:
-            self._fleet_task.cancel()
-            await asyncio.gather(self._fleet_task, return_exceptions=True)
+        for task in (self._fleet_task, self._trim_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.fleet is not None:
             await self.fleet.close()
 
@@ -203,7 +215,6 @@ class ScoringService:
         """Runs in the batcher's worker thread: one forward pass for one embedding config."""
         config = batch[0][1]
         vectors = list(self.embedder.forward([enc for enc, _ in batch], config))
-        self.heap_trim.maybe_trim()  # the pass's activations are freed now: hand their pages back (throttled)
         return vectors
 
     def _on_batch(self, stats: BatchStats) -> None:

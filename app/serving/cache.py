@@ -13,7 +13,6 @@ never the registry). A Redis failure is a miss, never an error.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import struct
 import threading
@@ -25,8 +24,6 @@ import numpy as np
 import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.exceptions import RedisError
-
-from app.embedding import EmbeddingConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +44,6 @@ class CachedEmbedding:
     def from_bytes(cls, data: bytes) -> CachedEmbedding:
         n_tokens, truncated = _HEADER.unpack_from(data)
         return cls(np.frombuffer(data, np.float32, offset=_HEADER.size).copy(), n_tokens, truncated)
-
-
-def cache_key(weights_digest: str, config: EmbeddingConfig, formatted: str) -> str:
-    """Digest of everything that determines f(x): the weights, the embedding config and the formatted text."""
-    h = hashlib.sha256()
-    for part in (weights_digest, ",".join(map(str, config.layers)), config.pooling, config.template,
-                 str(config.max_length), config.truncation_side):
-        h.update(part.encode())
-        h.update(b"\x00")
-    h.update(formatted.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
 
 
 class EmbeddingCache:
@@ -92,7 +78,7 @@ class EmbeddingCache:
             with self._lock:
                 for i, data in zip(missing, raw, strict=True):
                     if data is not None:
-                        # bytes: the client is built without decode_responses (app.fleet)
+                        # bytes: the client is built without decode_responses (app.store.fleet)
                         entry = CachedEmbedding.from_bytes(cast(bytes, data))
                         found[i] = entry
                         self._local[keys[i]] = entry

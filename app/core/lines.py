@@ -2,7 +2,7 @@
 
 Owns the suffix → format table, decompression (gzip, zstd), JSON-array and Parquet decoding, and the atomic
 Parquet writer for outputs. It yields *records*, not items: decoding a JSONL line and validating any record
-(``app.pipeline.parse_line`` / ``app.items.parse_item``) happen per record downstream, so a bad record is that
+(``app.core.pipeline.parse_line`` / ``app.core.items.parse_item``) happen per record downstream, so a bad record is that
 record's error and never the file's. It must not parse items, read labels or know about scores; only a file
 that cannot be read at all (not JSON, not an array, not Parquet, a corrupt stream) raises ``RecordFileError``.
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from app.items import Item, Template, content_span, make_formatter
+from app.core.items import Item, Template, content_span, make_formatter
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -210,6 +210,8 @@ class Embedder:
         self.hidden_size = int(model.config.hidden_size)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        #: Offline batches (``embed``, the sweep); ``from_settings`` sets the configured ones.
+        self.batch_limits = BatchLimits.for_device(self.device)
         self._blocks = _find_blocks(model, self.num_layers)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
@@ -251,7 +253,9 @@ class Embedder:
         """Load as configured (threads, device, dtype, cache); ``model`` overrides the configured one."""
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        return cls.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+        embedder = cls.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+        embedder.batch_limits = BatchLimits(settings.max_batch_tokens, settings.max_batch_size)
+        return embedder
 
     # ----------------------------------------------------------------------------- text
     def formatter(self, template: Template):
@@ -404,21 +408,11 @@ class Embedder:
         """
         return self.forward_multi(batch, config.layers, [config.pooling])[config.pooling].reshape(len(batch), -1)
 
-    def embed(
-        self,
-        encoded: Sequence[Encoded],
-        config: EmbeddingConfig,
-        *,
-        max_batch_tokens: int = 8192,
-        max_batch_size: int = 32,
-        on_batch: Any = None,
-    ) -> np.ndarray:
-        """Embed many items in length-sorted batches under a padded-token budget; input order kept."""
+    def embed(self, encoded: Sequence[Encoded], config: EmbeddingConfig, limits: BatchLimits | None = None) -> np.ndarray:
+        """Embed many items in length-sorted batches under ``limits`` (default: this embedder's); input order kept."""
         out = np.empty((len(encoded), self.dim(config)), dtype=np.float32)
-        for idx in plan_batches([len(e.input_ids) for e in encoded], max_batch_tokens, max_batch_size):
+        for idx in (limits or self.batch_limits).plan([len(e.input_ids) for e in encoded]):
             out[idx] = self.forward([encoded[i] for i in idx], config)
-            if on_batch is not None:
-                on_batch(len(idx))
         return out
 
 
@@ -437,20 +431,47 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling, starts: tor
     raise EmbeddingError(f"pooling must be 'last', 'mean' or 'response', got {pooling!r}")
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Group indices by length (sorted) so that each batch's padded size fits the token budget.
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The padded-token budget and the item cap of one forward pass, and the one offline batch planner (the fit, the
+    sweep, ``Embedder.embed``). From ``SAFT_MAX_BATCH_TOKENS`` / ``SAFT_MAX_BATCH_SIZE`` (``Embedder.from_settings``),
+    else the device's defaults (``app.config.BATCH_DEFAULTS``), as the service's batcher uses them."""
 
-    A single item longer than the budget still forms a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = max(lengths[i], lengths[current[-1]] if current else 0)
-        if current and (width * (len(current) + 1) > max_batch_tokens or len(current) >= max_batch_size):
+    max_batch_tokens: int
+    max_batch_size: int
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> BatchLimits:
+        from app.config import BATCH_DEFAULTS
+
+        defaults = BATCH_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+        return cls(int(defaults["max_batch_tokens"]), int(defaults["max_batch_size"]))
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Group indices by length (sorted) so that each batch's padded size fits the token budget.
+
+        A single item longer than the budget still forms a batch of its own.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = max(lengths[i], lengths[current[-1]] if current else 0)
+            if current and (width * (len(current) + 1) > self.max_batch_tokens or len(current) >= self.max_batch_size):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
             batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+        return batches
+
+
+def cache_key(weights_digest: str, config: EmbeddingConfig, formatted: str) -> str:
+    """The cache and embedding-store key of an item: the digest of everything that determines f(x): the weights, the embedding config and the formatted text."""
+    h = hashlib.sha256()
+    for part in (weights_digest, ",".join(map(str, config.layers)), config.pooling, config.template,
+                 str(config.max_length), config.truncation_side):
+        h.update(part.encode())
+        h.update(b"\x00")
+    h.update(formatted.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()

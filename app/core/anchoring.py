@@ -3,7 +3,7 @@ over, and the comparison a guard decides activation by. numpy only, no I/O, no m
 
 Owns: combining a version's stored ``FitStatistics`` with an upload's embedded rows (labelled, pseudo-labelled by
 the active version, or both), re-expressing the active version's per-kind τ on the new score's scale, and comparing
-two versions on the upload. Must not: read files, embed, publish or activate (``app.pipeline`` and the service do).
+two versions on the upload. Must not: read files, embed, publish or activate (``app.core.pipeline`` and the service do).
 
 Why this shape (docs/QUALITY.md, "Refit on your data"): a fit on an unlabeled upload alone (the paper's SAFT
 score) is at chance on mixed data, and a discriminant fitted on a few hundred user lines alone forgets the
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.metrics import roc_auc_score as auroc
 
-from app.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
+from app.core.subspace import FitError, FitStatistics, MomentAccumulator, Subspace
 
 UPLOAD = "upload"  # the source name an upload's rows take beside the prior's ("prior")
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.batching import QueueFull
+from app.serving.batching import QueueFull
 
 #: Buckets kept at most; idle, full ones are pruned first (a client that comes back starts full anyway).
 _MAX_CLIENTS = 10_000

@@ -2,7 +2,7 @@
 
 The wire shapes are defined once, in the client package (``saft_filter_client.models``), and re-exported
 here, so the service and its client cannot drift apart. What this module adds is what only the service
-can check, by subclassing the item-carrying models: that an item's keys fit a known shape (``app.items``),
+can check, by subclassing the item-carrying models: that an item's keys fit a known shape (``app.core.items``),
 the parsed sample kept on the model for the route. The admin bodies (refit jobs, versions) have no client
 and live here alone.
 """
@@ -37,7 +37,7 @@ from saft_filter_client.models import (
     SubspaceRef,
 )
 
-from app.items import Item, ItemError, Sample, parse_item, parse_sample
+from app.core.items import Item, ItemError, Sample, parse_item, parse_sample
 
 __all__ = [
     "HARMFUL", "ContentPart", "ErrorBody", "FilterError", "FilterRecord", "FilterSummary", "InfoLimits", "InfoModel",

@@ -10,7 +10,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.artifacts import (
+from app.core.embedding import Embedder
+from app.core.subspace import Subspace
+from app.store.artifacts import (
     Manifest,
     active_version,
     check_compatible,
@@ -23,8 +25,6 @@ from app.artifacts import (
     set_active,
     version_files,
 )
-from app.embedding import Embedder
-from app.subspace import Subspace
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.embedding import Embedder, EmbeddingConfig, Pooling, plan_batches
-from app.pipeline import Line, Progress, chunks
-from app.quality import quality
-from app.subspace import FitError, Subspace
+from app.core.embedding import BatchLimits, Embedder, EmbeddingConfig, Pooling
+from app.core.pipeline import Line, Progress, chunks
+from app.core.quality import quality
+from app.core.subspace import FitError, Subspace
 
 
 @dataclass
@@ -51,8 +51,7 @@ def embed_set(
     poolings: Sequence[Pooling],
     base: EmbeddingConfig,
     *,
-    max_batch_tokens: int = 8192,
-    max_batch_size: int = 32,
+    limits: BatchLimits | None = None,
     progress: Progress | None = None,
 ) -> EmbeddedSet:
     """Embed labelled lines once for every layer and pooling of the sweep."""
@@ -68,7 +67,7 @@ def embed_set(
                 raise FitError(f"line {line.number}: {line.error or 'label: missing (a sweep needs labels 0/1)'}")
         encoded = embedder.encode_items([line.item for line in chunk], base)
         out = {p: np.empty((len(chunk), len(absolute), embedder.hidden_size), np.float32) for p in poolings}
-        for idx in plan_batches([len(e.input_ids) for e in encoded], max_batch_tokens, max_batch_size):
+        for idx in (limits or embedder.batch_limits).plan([len(e.input_ids) for e in encoded]):
             pooled = embedder.forward_multi([encoded[i] for i in idx], absolute, poolings)
             for p in poolings:
                 out[p][idx] = pooled[p]

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from app.calibration import expected_calibration_error, reliability_curve
+from app.core.calibration import expected_calibration_error, reliability_curve
 
 _METRIC_COLUMNS = ("n", "n_harmful", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "fpr_at_threshold", "drop_rate")
 

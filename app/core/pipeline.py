@@ -1,4 +1,4 @@
-"""Dataset-level operations of the core: read rows (any ``app.lines`` format, any ``app.items`` shape), fit a
+"""Dataset-level operations of the core: read rows (any ``app.core.lines`` format, any ``app.core.items`` shape), fit a
 subspace, score items.
 
 Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queues, no Redis.
@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.anchoring import (
+from app.core.anchoring import (
     AnchorWeights,
     carry_probability,
     carry_thresholds,
@@ -27,13 +27,13 @@ from app.anchoring import (
     compare,
     pseudo_labels,
 )
-from app.artifacts import Manifest
-from app.calibration import fit_calibration, probability
-from app.embedding import Embedder, EmbeddingConfig, Encoded, Pooling, TruncationSide, sha256_files
-from app.items import Item, ItemError, Sample, Shape, Template, parse_label, parse_sample
-from app.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
-from app.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
-from app.subspace import Balance, Centering, FitError, FitStatistics, MomentAccumulator, Subspace
+from app.core.calibration import fit_calibration, probability
+from app.core.embedding import Embedder, EmbeddingConfig, Encoded, Pooling, TruncationSide, sha256_files
+from app.core.items import Item, ItemError, Sample, Shape, Template, parse_label, parse_sample
+from app.core.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
+from app.core.manifest import Manifest
+from app.core.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
+from app.core.subspace import Balance, Centering, FitError, FitStatistics, MomentAccumulator, Subspace
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ Progress = Callable[[int], None]
 class Line:
     """One input row: its 1-based number, the raw object, and either an item or the reason it failed.
 
-    ``shape`` is the shape the row was read as (``app.items.SHAPES``). A preference row is two samples: ``sides``
+    ``shape`` is the shape the row was read as (``app.core.items.SHAPES``). A preference row is two samples: ``sides``
     holds both (chosen first) and ``item`` is the chosen one, the side the row's verdict follows (``merge_sides``).
     """
 
@@ -67,7 +67,7 @@ class Line:
 def parse_line(number: int, raw: bytes | str | dict[str, Any], shape: Shape | Literal["auto"] = "auto",
                columns: Mapping[str, str] | None = None) -> Line:
     """Validate one row: a JSONL line (decoded here) or an already decoded object (a JSON element, a Parquet row,
-    used as is). ``shape`` and ``columns`` are ``app.items.parse_sample``'s; failures become a ``Line`` with ``error``."""
+    used as is). ``shape`` and ``columns`` are ``app.core.items.parse_sample``'s; failures become a ``Line`` with ``error``."""
     if isinstance(raw, dict):
         obj: Any = raw
     else:
@@ -85,7 +85,7 @@ def parse_line(number: int, raw: bytes | str | dict[str, Any], shape: Shape | Li
 
 def read_records(records: Iterable[Record], shape: Shape | Literal["auto"] = "auto",
                  columns: Mapping[str, str] | None = None) -> Generator[Line, None, None]:
-    """The one line reader: every ``app.lines`` record as a ``Line``, numbered as its file numbers it."""
+    """The one line reader: every ``app.core.lines`` record as a ``Line``, numbered as its file numbers it."""
     for number, payload, error in records:
         yield Line(number, None, None, None, error) if payload is None else parse_line(number, payload, shape, columns)
 
@@ -98,7 +98,7 @@ def read_lines(stream: Iterable[bytes | str], shape: Shape | Literal["auto"] = "
 
 def read_file(path: Path | str, shape: Shape | Literal["auto"] = "auto",
               columns: Mapping[str, str] | None = None) -> Generator[Line, None, None]:
-    """Every row of a file in any format ``app.lines`` reads (.jsonl[.gz|.zst], .json, .parquet), as ``Line``s.
+    """Every row of a file in any format ``app.core.lines`` reads (.jsonl[.gz|.zst], .json, .parquet), as ``Line``s.
     A file that cannot be read at all raises ``RecordFileError`` (a ``ValueError``) when iteration reaches it."""
     return read_records(open_records(path), shape, columns)
 
@@ -152,12 +152,12 @@ class FitOptions:
     nuisance: int = 0
     policy: ThresholdPolicy | None = None  # None: fpr:0.05 with labels, drop_rate:0.1 without
     #: "source": with labels and at least two sources, τ and the probability map are chosen on source-held-out
-    #: scores (each source scored by a fit without it, ``app.crossval``), so they hold on sources the fit never
+    #: scores (each source scored by a fit without it, ``app.core.crossval``), so they hold on sources the fit never
     #: saw; in-sample scores would set τ too low for new data. "none": on the fit's own (in-sample) scores.
     cross_fit: Literal["none", "source"] = "source"
     #: With a prior (the active version, when it stores its calibration statistics and uses the same embedding):
     #: "combine" adds the upload to what the prior was fitted on — labelled lines as ``labelled_weight`` sources,
-    #: unlabeled ones labelled by the prior's verdicts as ``pseudo_weight`` sources (``app.anchoring``) — and carries
+    #: unlabeled ones labelled by the prior's verdicts as ``pseudo_weight`` sources (``app.core.anchoring``) — and carries
     #: its τ and P(harmful) over; "replace" fits on the upload alone (unlabeled: the paper's SAFT score).
     mode: Literal["combine", "replace"] = "combine"
     labelled_weight: float = 16.0
@@ -171,6 +171,17 @@ class FitOptions:
 
 
 _FIT = FitOptions()
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]], limit: int = 10) -> str:
+    """pydantic's errors as one line a caller can act on: ``field.path: why; ...`` (the ``body`` prefix of a request
+    body's fields left out, "body: why" for the body itself). The CLI, ``FitParams.of`` and the API's 422 use it."""
+    parts = []
+    for e in list(errors)[:limit]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else f"body: {msg}")
+    return "; ".join(parts)
 
 
 class FitParams(BaseModel):
@@ -223,8 +234,7 @@ class FitParams(BaseModel):
         try:
             return cls(**values)
         except ValidationError as err:
-            raise FitError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                                     for e in err.errors())) from None
+            raise FitError(validation_message(err.errors())) from None
 
     def options(self) -> FitOptions:
         return FitOptions(
@@ -270,12 +280,13 @@ class EmbeddingSpool:
 EmbedFn = Callable[[Sequence[Item], EmbeddingConfig], tuple[list[Encoded], np.ndarray]]
 
 
-def direct_embed(embedder: Embedder, *, max_batch_tokens: int = 8192, max_batch_size: int = 32) -> EmbedFn:
-    """Embed in the calling thread (CLI, Ray actors); the service passes its batcher-backed function instead."""
+def direct_embed(embedder: Embedder) -> EmbedFn:
+    """Embed in the calling thread (CLI, Ray actors) in the embedder's batches (``Embedder.batch_limits``); the
+    service passes its batcher-backed function instead."""
 
     def embed(items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
         encoded = embedder.encode_items(items, config)
-        return encoded, embedder.embed(encoded, config, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+        return encoded, embedder.embed(encoded, config)
 
     return embed
 
@@ -527,8 +538,8 @@ def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: 
 
 
 def _source_held_out(spool: EmbeddingSpool, y: np.ndarray, meta: dict[str, list[str]], options: FitOptions) -> dict[str, Any] | None:
-    """Each calibration item scored by a fit without its source (``app.crossval``), and the summary a manifest keeps."""
-    from app.crossval import EmbeddedPool, crossval  # crossval builds on this module's FitOptions
+    """Each calibration item scored by a fit without its source (``app.core.crossval``), and the summary a manifest keeps."""
+    from app.core.crossval import EmbeddedPool, crossval  # crossval builds on this module's FitOptions
 
     vectors = np.concatenate(list(spool.batches(4096)))
     pool = EmbeddedPool(vectors, y, meta["item_kind"], meta["kind"], meta["source"], meta["group"])
@@ -674,14 +685,25 @@ def score_lines(
     """Every line in input order with its verdict, or ``None`` for a line that failed validation (a preference
     row's both sides are embedded with the rest of its chunk and merged back by ``merge_sides``)."""
     for chunk in chunks(lines, chunk_size):
-        valid = [line for line in chunk if line.item is not None]
-        results: dict[int, Scored] = {}
-        if valid:
-            items = [item for line in valid for item in line.items]
+        valid, items = scorable(chunk)
+        item_results: list[Scored] = []
+        if items:
             encoded, vectors = embed(items, manifest.embedding)
-            scored = merge_sides(valid, score_encoded(subspace, manifest, items, encoded, vectors, threshold))
-            results = {line.number: s for line, s in zip(valid, scored, strict=True)}
+            item_results = score_encoded(subspace, manifest, items, encoded, vectors, threshold)
         if progress is not None:
             progress(len(chunk))
-        for line in chunk:
-            yield line, results.get(line.number)
+        yield from merge_back(chunk, valid, item_results)
+
+
+def scorable(chunk: Sequence[Line]) -> tuple[list[Line], list[Item]]:
+    """The valid lines of a chunk, and the items to embed for them (a preference row's two sides in turn). The one
+    split of "chunk, score the valid lines, merge back by line number": ``score_lines`` and ``/filter`` use it."""
+    valid = [line for line in chunk if line.item is not None]
+    return valid, [item for line in valid for item in line.items]
+
+
+def merge_back(chunk: Sequence[Line], valid: Sequence[Line], item_results: Sequence[Scored]) -> list[tuple[Line, Scored | None]]:
+    """Every line of ``chunk`` in order with its verdict (``None`` for a line that is not in ``valid``), from the
+    results of ``scorable``'s items; a preference row's two results merge into one (``merge_sides``)."""
+    by_number = {line.number: s for line, s in zip(valid, merge_sides(list(valid), list(item_results)), strict=True)}
+    return [(line, by_number.get(line.number)) for line in chunk]

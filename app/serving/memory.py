@@ -7,15 +7,14 @@ growth and what these controls do to it. ``mallinfo2`` says how much of the heap
 but held; ``malloc_trim(0)`` hands the free pages back; ``mallopt(M_ARENA_MAX)`` caps the arenas.
 
 Owns: reading those statistics and calling those two functions (a no-op where the C library is not glibc).
-Must not: know the model, the batcher or HTTP; callers decide when to trim.
+Must not: know the model, the batcher or HTTP; callers decide when to trim (the service: every
+``SAFT_MALLOC_TRIM_INTERVAL_S``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,25 +79,3 @@ def limit_arenas(n: int) -> bool:
     if n <= 0 or _LIBC is None:
         return False
     return bool(_LIBC.mallopt(_M_ARENA_MAX, n))
-
-
-class PeriodicTrim:
-    """``trim()`` at most once per ``interval_s``, from whichever thread calls ``maybe_trim`` (0: never)."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self.trims = 0
-
-    def maybe_trim(self) -> bool:
-        if self.interval_s <= 0:
-            return False
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self.interval_s:
-                return False
-            self._last = now
-        trim()
-        self.trims += 1
-        return True

@@ -1,5 +1,5 @@
 """Items as users have them (every shape in ``SHAPES``): detection, validation into canonical turns, and the one
-formatter. Reads decoded objects only; files and their formats are ``app.lines``'s.
+formatter. Reads decoded objects only; files and their formats are ``app.core.lines``'s.
 
 The formatting template is part of a subspace's identity: fit and score must format alike, so the
 template name is stored in every manifest and passed back here.

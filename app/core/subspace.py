@@ -291,6 +291,37 @@ class Subspace:
         return {"k": self.k, "method": self.method, "center": self.center, "standardize": self.standardize,
                 "shrinkage": self.shrinkage, "balance": self.balance, "nuisance": self.nuisance}
 
+    #: The fitted arrays a version stores (safetensors names = attribute names without the trailing underscore).
+    ARRAYS = ("components", "singular_values", "mean", "kind_means", "scale")
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """The fitted arrays and, where the fit kept them, its calibration statistics (``FitStatistics``): what a
+        version's ``subspace.safetensors`` holds. ``from_tensors`` reads them back."""
+        self._check_fitted()
+        stats = getattr(self, "statistics_", None)
+        return {**{name: getattr(self, f"{name}_") for name in self.ARRAYS}, **(stats.to_tensors() if stats is not None else {})}
+
+    @classmethod
+    def from_tensors(cls, params: SubspaceParams, tensors: dict[str, np.ndarray], *, kinds: Sequence[str], signed: bool,
+                     n_samples: int) -> Subspace:
+        """A fitted subspace from ``to_tensors``' arrays and what its manifest records (the parameters, the kinds it
+        was fitted on, whether scores are signed). Raises ``FitError`` naming what is missing or malformed."""
+        missing = sorted(set(cls.ARRAYS) - set(tensors))
+        if missing:
+            raise FitError(f"the stored arrays lack {missing}")
+        subspace = cls(**params)
+        for name in cls.ARRAYS:
+            setattr(subspace, f"{name}_", tensors[name])
+        subspace.kinds_ = tuple(kinds)
+        subspace.signed_ = signed
+        subspace.n_features_in_ = int(tensors["mean"].shape[0])
+        subspace.n_samples_ = n_samples
+        try:
+            subspace.statistics_ = FitStatistics.from_tensors(tensors)
+        except (KeyError, ValueError) as err:
+            raise FitError(f"the stored calibration statistics are malformed ({err})") from None
+        return subspace
+
     # ----------------------------------------------------------------------------- fit
     def fit(self, X: np.ndarray, kinds: Sequence[str] | None = None, labels: Sequence[int | None] | None = None,
             sources: Sequence[str] | None = None) -> Subspace:

@@ -13,31 +13,23 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save, save_file
 
-from app.calibration import CalibrationError
-from app.calibration import check as check_calibration
-from app.embedding import Embedder, EmbeddingConfig
-from app.quality import ThresholdPolicy
-from app.subspace import FitStatistics, Subspace
+from app.core.calibration import CalibrationError
+from app.core.calibration import check as check_calibration
+from app.core.embedding import Embedder
+from app.core.manifest import FORMAT_VERSION, ArtifactError, Manifest
+from app.core.subspace import FitError, Subspace
 
-FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v[0-9]{1,9}$")
 TENSORS = "subspace.safetensors"
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
-
-
-class ArtifactError(ValueError):
-    """A subspace artifact is missing, malformed, or does not match the loaded model."""
 
 
 class StoreWriteError(ArtifactError):
@@ -46,104 +38,6 @@ class StoreWriteError(ArtifactError):
 
 class CorruptVersion(ArtifactError):
     """A stored version cannot be read (unreadable file, not JSON, bad tensors): the store's fault, not the caller's."""
-
-
-@dataclass
-class Manifest:
-    """Everything needed to reproduce and trust a subspace version."""
-
-    name: str
-    model_id: str
-    weights_digest: str
-    embedding: EmbeddingConfig
-    method: str
-    k: int
-    center: str
-    standardize: bool
-    shrinkage: float
-    signed: bool
-    kinds: list[str]
-    threshold: float
-    threshold_policy: ThresholdPolicy
-    calibration: dict[str, Any]
-    quality: dict[str, Any] = field(default_factory=dict)
-    #: τ per item kind ("text", "pair"), chosen by the same policy on each kind's calibration items; a kind
-    #: missing here (every version before per-kind thresholds) uses ``threshold``.
-    thresholds: dict[str, float] = field(default_factory=dict)
-    balance: str = "item"  # versions before source balancing weighed every item alike
-    nuisance: int = 0
-    version: str = ""
-    created_at: str = ""
-    format_version: int = FORMAT_VERSION
-    #: score → P(harmful) per item kind (``app.calibration``), fitted on labelled calibration items; None for
-    #: unlabelled fits and every version before calibrated probabilities (their manifests have no "probability").
-    probability: dict[str, Any] | None = None
-    #: How a refit on an upload came about (``app.pipeline.fit_lines`` with a prior): the strategy, the version it
-    #: started from, the upload's counts, and both versions compared on it; the service adds its activation decision.
-    refit: dict[str, Any] | None = None
-
-    def threshold_for(self, kind: str) -> float:
-        """The τ that decides an item of ``kind``: its own where the fit chose one, else the single τ."""
-        return self.thresholds.get(kind, self.threshold)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "name": self.name,
-            "version": self.version,
-            "created_at": self.created_at,
-            "model": {"id": self.model_id, "weights_sha256": self.weights_digest},
-            "embedding": self.embedding.as_dict(),
-            "subspace": {
-                "method": self.method,
-                "k": self.k,
-                "center": self.center,
-                "standardize": self.standardize,
-                "shrinkage": self.shrinkage,
-                "signed": self.signed,
-                "kinds": self.kinds,
-                "balance": self.balance,
-                "nuisance": self.nuisance,
-            },
-            "threshold": {"value": self.threshold, "policy": self.threshold_policy.as_dict(),
-                          **({"by_kind": self.thresholds} if self.thresholds else {})},
-            "calibration": self.calibration,
-            "quality": self.quality,
-            **({"probability": self.probability} if self.probability is not None else {}),
-            **({"refit": self.refit} if self.refit is not None else {}),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        try:
-            sub = data["subspace"]
-            return cls(
-                name=data["name"],
-                version=data["version"],
-                created_at=data["created_at"],
-                format_version=data["format_version"],
-                model_id=data["model"]["id"],
-                weights_digest=data["model"]["weights_sha256"],
-                embedding=EmbeddingConfig.from_dict(data["embedding"]),
-                method=sub["method"],
-                k=sub["k"],
-                center=sub["center"],
-                standardize=sub["standardize"],
-                shrinkage=sub["shrinkage"],
-                signed=sub["signed"],
-                kinds=list(sub["kinds"]),
-                balance=sub.get("balance", "item"),
-                nuisance=int(sub.get("nuisance", 0)),
-                threshold=float(data["threshold"]["value"]),
-                threshold_policy=ThresholdPolicy(**data["threshold"]["policy"]),
-                thresholds={str(k): float(v) for k, v in data["threshold"].get("by_kind", {}).items()},
-                calibration=data["calibration"],
-                quality=data.get("quality", {}),
-                probability=data.get("probability"),
-                refit=data.get("refit"),
-            )
-        except (KeyError, TypeError) as err:
-            raise ArtifactError(f"manifest is malformed: missing or wrong field {err}") from None
 
 
 def check_name(name: str) -> str:
@@ -231,19 +125,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def subspace_tensors(subspace: Subspace) -> dict[str, np.ndarray]:
-    """The fitted arrays, and the calibration statistics a later refit can start from (``FitStatistics``)."""
-    stats = getattr(subspace, "statistics_", None)
-    return {
-        "components": subspace.components_,
-        "singular_values": subspace.singular_values_,
-        "mean": subspace.mean_,
-        "kind_means": subspace.kind_means_,
-        "scale": subspace.scale_,
-        **(stats.to_tensors() if stats is not None else {}),
-    }
-
-
 def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate: bool = True) -> Manifest:
     """Publish a new immutable version (next free ``vN``) atomically; optionally make it active."""
     base = root / check_name(manifest.name)
@@ -254,7 +135,7 @@ def save_version(root: Path, subspace: Subspace, manifest: Manifest, *, activate
         raise StoreWriteError(f"subspace {manifest.name}: cannot write under {base} ({err}); nothing was published") from err
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from other users of models/
-        save_file(subspace_tensors(subspace), str(tmp / TENSORS))
+        save_file(subspace.to_tensors(), str(tmp / TENSORS))
         manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
         while True:
             existing = list_versions(root, manifest.name)
@@ -285,7 +166,7 @@ def render_version(subspace: Subspace, manifest: Manifest, version: str) -> dict
     (the number allocated under its refit lock), then every replica installs them with ``install_version``."""
     manifest.version = check_version(version)
     manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
-    return {TENSORS: save(subspace_tensors(subspace)), MANIFEST: json.dumps(manifest.to_json(), indent=2).encode()}
+    return {TENSORS: save(subspace.to_tensors()), MANIFEST: json.dumps(manifest.to_json(), indent=2).encode()}
 
 
 def version_files(root: Path, name: str, version: str) -> dict[str, bytes]:
@@ -376,31 +257,11 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError) as err:  # corrupt or foreign (a pickle is never loaded)
         raise CorruptVersion(f"subspace {name}/{version}: {TENSORS} cannot be read ({err})") from None
-    missing = {"components", "singular_values", "mean", "kind_means", "scale"} - set(tensors)
-    if missing:
-        raise ArtifactError(f"subspace {name}/{version}: {TENSORS} lacks {sorted(missing)}")
-    subspace = Subspace(
-        k=manifest.k,
-        method=manifest.method,  # type: ignore[arg-type]  # manifest fields are str until FitParams (step 3)
-        center=manifest.center,  # type: ignore[arg-type]  # as above
-        standardize=manifest.standardize,
-        shrinkage=manifest.shrinkage,
-        balance=manifest.balance,  # type: ignore[arg-type]  # as above
-        nuisance=manifest.nuisance,
-    )
-    subspace.components_ = tensors["components"]
-    subspace.singular_values_ = tensors["singular_values"]
-    subspace.mean_ = tensors["mean"]
-    subspace.kind_means_ = tensors["kind_means"]
-    subspace.scale_ = tensors["scale"]
-    subspace.kinds_ = tuple(manifest.kinds)
-    subspace.signed_ = manifest.signed
-    subspace.n_features_in_ = int(tensors["mean"].shape[0])
-    subspace.n_samples_ = int(manifest.calibration.get("n_samples", 0))
     try:
-        subspace.statistics_ = FitStatistics.from_tensors(tensors)
-    except (KeyError, ValueError) as err:
-        raise ArtifactError(f"subspace {name}/{version}: its calibration statistics are malformed ({err})") from None
+        subspace = Subspace.from_tensors(manifest.subspace_params(), tensors, kinds=manifest.kinds, signed=manifest.signed,
+                                         n_samples=int(manifest.calibration.get("n_samples", 0)))
+    except FitError as err:
+        raise ArtifactError(f"subspace {name}/{version}: {TENSORS}: {err}") from None
     return subspace, manifest
 
 

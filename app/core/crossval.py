@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.pipeline import FitOptions
-from app.quality import ThresholdError, choose_thresholds, grouped_quality
-from app.subspace import FitError, MomentAccumulator, Subspace
+from app.core.pipeline import FitOptions
+from app.core.quality import ThresholdError, choose_thresholds, grouped_quality
+from app.core.subspace import FitError, MomentAccumulator, Subspace
 
 FoldBy = Literal["source", "family"]
 
