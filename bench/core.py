@@ -147,9 +147,10 @@ def gpu(
 ) -> None:
     """The core benchmark on CUDA in bf16 vs the chip's bf16 matmul rate; records 'not run' without a GPU."""
     if not torch.cuda.is_available():
-        save("gpu", {"command": "python -m bench.run gpu", "run": False,
-                     "reason": "no CUDA device on this machine; none was lent to this task"}, results)
-        return
+        reason = "no CUDA device on this machine; none was lent to this task"
+        save("gpu", {"command": "python -m bench.run gpu", "run": False, "reason": reason}, results)
+        typer.echo(f"bench gpu: not run: {reason} (recorded as run=false in {results})", err=True)
+        raise typer.Exit(3)  # fail loudly: a script on a lent GPU machine must not pass without measuring
     layers = ",".join(map(str, DEFAULT_FIT_EMBEDDING.layers))  # the default subspace's embedding
     run_core(n, layers, DEFAULT_FIT_EMBEDDING.max_length, batch_sizes, token_budgets, "smollm2-135m-instruct", "cuda", 0, results,
              name="gpu")

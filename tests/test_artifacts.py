@@ -10,7 +10,7 @@ import pytest
 
 from app.config import PROJECT_ROOT
 from app.core.embedding import Embedder, EmbeddingConfig
-from app.core.subspace import Subspace
+from app.core.subspace import NotFittedError, Subspace
 from app.store.artifacts import (
     ArtifactError,
     Manifest,
@@ -75,7 +75,7 @@ def test_mismatched_model_is_refused(tmp_path: Path, embedder: Embedder) -> None
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     sub = Subspace(k=1)  # not fitted: writing its tensors fails midway
-    with pytest.raises(AttributeError):
+    with pytest.raises(NotFittedError, match="not fitted"):
         save_version(tmp_path, sub, demo_manifest())
     assert list_versions(tmp_path, "demo") == []
     assert not list((tmp_path / "demo").iterdir())

@@ -102,10 +102,14 @@ def test_refit_benchmark_smoke(tmp_path: Path) -> None:
 def test_gpu_benchmark_records_that_it_did_not_run_without_cuda(tmp_path: Path) -> None:
     import torch
 
-    data = invoke(tmp_path / "r.json", "gpu", "--n", "4")["gpu"]
+    results = tmp_path / "r.json"
+    out = CliRunner().invoke(app, ["gpu", "--n", "4", "--results", str(results)])
+    data = json.loads(results.read_text())["gpu"]
     if torch.cuda.is_available():
+        assert out.exit_code == 0, out.output
         assert data["dtype"] == "bfloat16" and data["matmul_gflops"] > 0
-    else:
+    else:  # recorded, and a failed exit with the reason: a prepared GPU script must not pass without measuring
+        assert out.exit_code == 3 and "not run: no CUDA device" in out.output, out.output
         assert data["run"] is False and "no CUDA device" in data["reason"]
 
 
@@ -116,3 +120,12 @@ def test_plots_from_results(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     png = tmp_path / "png" / "refit.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_lever_reports_speed_and_score_change_on_the_committed_default(tmp_path: Path) -> None:
+    data = invoke(tmp_path / "r.json", "quantize", "--n", "12", "--rounds", "1")["quantize"]
+    assert data["subspace"].startswith("default/") and data["items"] == 12
+    assert set(data["texts_per_s"]) == {"fp32", "int8"} and all(v > 0 for v in data["texts_per_s"].values())
+    # int8 moves the scores (it is not the fp32 path) but stays in their range; the verdict count is bounded by the items
+    assert 0 < data["max_abs_delta_score"] < 10 * data["median_abs_tau"] + 1
+    assert 0 <= data["verdicts_flipped"] <= 12 and isinstance(data["kept"], bool)

@@ -1,0 +1,94 @@
+"""CPU levers measured with quality beside speed (issue 17): ``python -m bench.run quantize``.
+
+int8 dynamic quantization of every ``nn.Linear`` (torch.ao, weights int8, activations quantized per batch) against
+the fp32 eager model, both on the committed default's embedding (its layer, pooling, template, 512-token window) and
+the service's CPU batches (``BatchLimits`` of the device). Measured in one process, alternating: texts/s of each
+(``--rounds`` passes each over the same encoded items) and, on the same items, the committed default's scores: the
+largest |Δscore| relative to τ's scale, the verdicts that flip, and the AUROC per item kind of each. The lever is kept
+only where the AUROC moves by at most 0.005 per kind (the issue's tolerance).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from sklearn.metrics import roc_auc_score
+
+from app.config import PROJECT_ROOT
+from app.core.embedding import Embedder
+from app.core.pipeline import parse_line, score_encoded
+from app.store.artifacts import load_version
+from bench.common import RESULTS, in_worker_thread, rows, save
+from bench.core import ResultsOpt
+
+TOLERANCE_AUROC = 0.005
+
+
+def _auroc_by_kind(kinds: list[str], labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    out = {}
+    for kind in sorted(set(kinds)):
+        mask = np.array([k == kind for k in kinds])
+        if len(set(labels[mask].tolist())) == 2:
+            out[kind] = round(float(roc_auc_score(labels[mask], scores[mask])), 4)
+    return out
+
+
+def quantize(
+    n: Annotated[int, typer.Option(help="dev_eval items (shuffled, seed 1).")] = 160,
+    rounds: Annotated[int, typer.Option(help="Timed passes of each model, alternating.")] = 2,
+    results: ResultsOpt = RESULTS,
+) -> None:
+    """int8 dynamic quantization vs fp32 eager on the committed default: texts/s and score changes, one run."""
+    from torch.ao.quantization import quantize_dynamic
+
+    subspace, manifest = load_version(PROJECT_ROOT / "models", "default")
+    config = manifest.embedding
+    fp32 = Embedder.load(manifest.model_id)
+    int8 = Embedder.load(manifest.model_id)
+    quantize_dynamic(int8.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    lines = [parse_line(i + 1, row) for i, row in enumerate(rows(n, seed=1))]
+    lines = [line for line in lines if line.item is not None and line.label is not None]
+    items = [line.item for line in lines if line.item is not None]
+    labels = np.array([line.label for line in lines])
+    kinds: list[str] = [str(item.kind) for item in items]
+    encoded = fp32.encode_items(items, config)
+    tokens = sum(len(e.input_ids) for e in encoded)
+    models = {"fp32": fp32, "int8": int8}
+    for model in models.values():
+        in_worker_thread(partial(model.embed, encoded[:4], config))  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    vectors: dict[str, np.ndarray] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            def run(model: Embedder = model) -> tuple[float, np.ndarray]:
+                start = time.perf_counter()
+                out = model.embed(encoded, config)
+                return time.perf_counter() - start, out
+
+            elapsed, vectors[name] = in_worker_thread(run)
+            seconds[name].append(round(elapsed, 2))
+    scored = {name: score_encoded(subspace, manifest, items, encoded, v) for name, v in vectors.items()}
+    scores = {name: np.array([s.score for s in out]) for name, out in scored.items()}
+    taus = np.array([manifest.threshold_for(k) for k in kinds])
+    delta = np.abs(scores["int8"] - scores["fp32"])
+    auroc = {name: _auroc_by_kind(kinds, labels, s) for name, s in scores.items()}
+    change = {k: round(auroc["int8"][k] - auroc["fp32"][k], 4) for k in auroc["fp32"]}
+    best = {name: min(t) for name, t in seconds.items()}
+    save("quantize", {
+        "command": f"python -m bench.run quantize --n {n} --rounds {rounds}",
+        "subspace": f"{manifest.name}/{manifest.version}", "embedding": config.as_dict(), "items": len(items), "tokens": tokens,
+        "batch_limits": {"max_batch_tokens": fp32.batch_limits.max_batch_tokens, "max_batch_size": fp32.batch_limits.max_batch_size},
+        "seconds": seconds, "texts_per_s": {name: round(len(items) / t, 2) for name, t in best.items()},
+        "speedup_int8_vs_fp32": round(best["fp32"] / best["int8"], 3),
+        "max_abs_delta_score": round(float(delta.max()), 5), "median_abs_delta_score": round(float(np.median(delta)), 5),
+        "median_abs_tau": round(float(np.median(np.abs(taus))), 5),
+        "verdicts_flipped": int(sum(a.verdict != b.verdict for a, b in zip(scored["fp32"], scored["int8"], strict=True))),
+        "auroc_by_kind": auroc, "auroc_change_by_kind": change,
+        "kept": bool(change) and all(abs(c) <= TOLERANCE_AUROC for c in change.values()) and best["fp32"] / best["int8"] > 1.0,
+        "tolerance_auroc": TOLERANCE_AUROC,
+    }, results)
