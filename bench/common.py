@@ -212,7 +212,7 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 
 def batch_limits(settings: Any) -> dict[str, int]:
-    """The batch plan a service with these settings uses, as ``Embedder.embed`` takes it."""
+    """The batch limits a service with these settings uses (``BatchLimits``), as a record for the results."""
     return {"max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size}
 
 

@@ -56,7 +56,7 @@ class Core:
         def run() -> float:
             start = time.perf_counter()
             encoded = self.embedder.encode_items(parsed, self.config)
-            self.embedder.embed(encoded, self.config, **self.limits)
+            self.embedder.embed(encoded, self.config)  # from_settings: the service's batch limits
             return len(items) / (time.perf_counter() - start)
 
         return in_worker_thread(run)

@@ -38,6 +38,6 @@ def test_overload_sheds_with_retry_after_and_recovers(tmp_path: Path) -> None:
         growth = recovery.rss_mb[-1] - warm.rss_mb[-1]
         print(f"RSS after warm-up {warm.rss_mb[-1]} MB, at the end {recovery.rss_mb[-1]} MB (growth {growth:+.1f} MB)")
         print([p.summary() for p in (warm, over, recovery)])
-        assert growth < 200, (warm.rss_mb, over.rss_mb, recovery.rss_mb)  # generous: a leak per request would show
+        assert growth < 100, (warm.rss_mb, over.rss_mb, recovery.rss_mb)  # +56.5 MB before heap trimming; a leak per request would show
     finally:
         stop_server(proc)
