@@ -43,7 +43,7 @@ def test_concurrent_duplicates_are_embedded_once(service: ScoringService, dev_ro
             assert _counter("saft_cache_misses_total") - misses == len(items)  # each input through the model once
             assert _counter("saft_cache_hits_total", tier="inflight") - inflight == 2 * len(items)
             assert [[r.score for r in res] for res in results[1:]] == [[r.score for r in results[0]]] * 2
-            assert not service._inflight  # nothing left announced
+            assert not service.embeddings.inflight  # nothing left announced
         finally:
             await service.stop()
 
@@ -58,7 +58,7 @@ def test_a_cancelled_request_does_not_fail_the_one_waiting_for_it(service: Scori
         try:
             snapshot = service.snapshot()
             owner = asyncio.create_task(service.score(items, snapshot, None))
-            while not service._inflight:
+            while not service.embeddings.inflight:
                 await asyncio.sleep(0.001)
             inflight = _counter("saft_cache_hits_total", tier="inflight")
             waiter = asyncio.create_task(service.score(items, snapshot, None))
@@ -69,7 +69,7 @@ def test_a_cancelled_request_does_not_fail_the_one_waiting_for_it(service: Scori
             owner.cancel()  # a client that went away mid-request
             scored = await waiter
             assert len(scored) == len(items) and owner.cancelled()
-            assert not service._inflight
+            assert not service.embeddings.inflight
             service.cache._local.clear()
             expected = await service.score(items, snapshot, None)  # the same inputs, embedded afresh
             assert [r.score for r in scored] == pytest.approx([r.score for r in expected], rel=1e-5)

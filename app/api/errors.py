@@ -19,8 +19,8 @@ from app.core.pipeline import validation_message
 from app.core.quality import ThresholdError
 from app.core.subspace import FitError
 from app.serving.batching import BatcherClosed, QueueFull
+from app.serving.errors import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
 from app.serving.ratelimit import RateLimited
-from app.serving.service import ItemTooLarge, ModelNotServed, NotReady, RefitInProgress
 from app.store.artifacts import CorruptVersion, StoreWriteError
 
 log = logging.getLogger(__name__)

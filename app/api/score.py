@@ -25,7 +25,8 @@ from app.api.errors import BodyTimeout, PayloadTooLarge, UnsupportedEncoding
 from app.api.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
 from app.core.items import ItemError, Shape, parse_columns
 from app.core.pipeline import Line, line_record, merge_back, merge_sides, parse_line, scorable, side_records
-from app.serving.service import ItemTooLarge, ScoringService
+from app.serving.errors import ItemTooLarge
+from app.serving.service import ScoringService
 from app.store.registry import ActiveSubspace
 
 log = logging.getLogger(__name__)
