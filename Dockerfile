@@ -51,6 +51,13 @@ LABEL org.opencontainers.image.title="saft-filter" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 saft \
  && useradd --system --uid 10001 --gid saft --home-dir /app --no-create-home --shell /usr/sbin/nologin saft
+# jemalloc, which `saft serve` preloads by itself (SAFT_ALLOCATOR=auto): under model-bound load glibc's heap keeps
+# growing (RELIABILITY.md, Memory). A base image that has it (scripts/container-e2e.sh's does) needs no apt; builds
+# without a Debian mirror pass INSTALL_JEMALLOC=false and run on glibc with periodic malloc_trim. (Pinned: bookworm's.)
+ARG INSTALL_JEMALLOC=true
+RUN if [ "$INSTALL_JEMALLOC" = true ] && ! ls /usr/lib/*-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends libjemalloc2=5.3.0-1 && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/saft/model-cache /opt/saft/model-cache
 WORKDIR /app

@@ -1,11 +1,17 @@
 """``saft``: fit, score, filter, eval, sweep and serve from the command line.
 
 A thin shell over ``app.core.pipeline``; every line of every input is accounted for in the output.
+
+Owns: the typer commands, their options, progress bars and tables, and where outputs and reports go. Must not: parse,
+format, embed, fit or score in a way of its own (``app.core`` does), read ``os.environ`` (``get_settings``), import the
+service (``app.api``), the Ray engine or the remote client at module level (only ``serve``, ``--engine ray`` and
+``--url`` import them), or import datatrove, NeMo Curator or ``app.integrations`` (an import-linter contract).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -748,10 +754,16 @@ def serve(
     """Run the HTTP service (uvicorn) on the configured model and active subspace."""
     from app.api.app import create_app
     from app.api.server import run
-    from app.serving.memory import limit_arenas
+    from app.serving.memory import limit_arenas, preload_jemalloc
 
     settings = get_settings()
-    limit_arenas(settings.malloc_arena_max)  # before the model's and the server's threads allocate
+    try:
+        preloaded = preload_jemalloc(settings.allocator, os.environ)
+    except RuntimeError as err:
+        raise typer.BadParameter(str(err), param_hint="SAFT_ALLOCATOR") from None
+    if preloaded is not None:  # run on jemalloc: the same command again, with the library preloaded from its start
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], preloaded)
+    limit_arenas(settings.malloc_arena_max)  # before the model's and the server's threads allocate (glibc only)
     run(create_app(settings), settings, host or settings.host, port or settings.port)
 
 

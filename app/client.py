@@ -3,6 +3,10 @@
 This module owns the adapter only: a row's canonical turns become the item sent, and the results come back as
 the records the in-process ``saft score`` writes (``app.core.pipeline.line_record``). Chunking, concurrency, retries
 and refused items are the client package's (``saft_filter_client``); nothing here talks HTTP.
+
+Must not: talk HTTP, chunk or retry (``SaftClient`` does), or parse, merge or write records otherwise than
+``app.core.pipeline`` does. It imports ``app.core.pipeline`` and so torch; the client that needs no model stack is
+``saft_filter_client`` (an import-linter contract keeps it free of ``app``, torch and numpy).
 """
 
 from __future__ import annotations

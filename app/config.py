@@ -1,6 +1,10 @@
 """Every knob of saft-filter, read once from the environment (prefix ``SAFT_``) or ``.env``.
 
 Nothing else in the package reads ``os.environ``; code receives a ``Settings`` instance.
+
+Owns: ``Settings`` (every ``SAFT_*`` knob, its default and validation), ``BATCH_DEFAULTS`` and ``get_settings``.
+Must not: import anything of ``app`` (the core imports it, so it sits below every layer), or import torch at module
+level (only resolving ``device="auto"`` for the batch defaults needs it).
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Return glibc's free heap pages to the OS this often (malloc_trim, off the event loop; "
         "resident memory otherwise stays at every arena's high-water mark); 0 turns it off."
     )
+    allocator: Literal["auto", "jemalloc", "glibc"] = Field(
+        "auto", description="The C allocator of `saft serve`: jemalloc (preloaded by re-executing the server with "
+        "LD_PRELOAD; where every request runs the model, glibc's heap keeps growing: RELIABILITY.md, Memory), glibc, or "
+        "auto: jemalloc where its library is installed (Debian's libjemalloc2, in the image), else glibc.",
+    )
     malloc_arena_max: int = Field(
         2, ge=0, description="Cap on glibc's malloc arenas, set when `saft serve` starts (as MALLOC_ARENA_MAX would); "
         "0 leaves glibc's default of 8 per core."
@@ -91,6 +100,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(4096, ge=1, description="Queued items before /score answers 429.")
     fair_queuing: bool = Field(True, description="Share the inference worker fairly between client tokens (start-time fair "
                                "queuing on token cost); false: first come, first served across all clients.")
+    overtake_tokens: int = Field(512, ge=0, description="With fair queuing: while a batch runs, a batch of at most this "
+                                 "many padded tokens of callers with nothing in it, due in fair order, runs at once and "
+                                 "the running batch pauses between two transformer blocks (0: wait for the whole pass).")
     max_queue_per_client: int = Field(0, ge=0, description="Queued items one client token may hold (0: the whole "
                                       "queue); past it that client alone gets 429 (a /filter stream waits for its own items).")
     rate_limit_requests_per_s: float = Field(0.0, ge=0, description="Requests per second per client token on /score, "

@@ -26,12 +26,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(env: dict[str, str], log_path: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``saft serve`` and wait until /healthz answers; the caller owns the process."""
+def start_server(env: dict[str, str], log_path: Path, timeout_s: float = 180.0,
+                 cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``saft serve`` (from checkout ``cwd``, default this one) and wait until /healthz answers; the caller owns
+    the process."""
     port = free_port()
     full_env = {**os.environ, "SAFT_HOST": "127.0.0.1", "SAFT_PORT": str(port), **env}
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=cwd, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, f"{url}/healthz", log_path, timeout_s)

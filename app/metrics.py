@@ -1,4 +1,8 @@
-"""Prometheus collectors, named once (``saft_..._total``, ``saft_..._seconds``), low-cardinality labels."""
+"""Prometheus collectors, named once (``saft_..._total``, ``saft_..._seconds``), low-cardinality labels.
+
+Owns: every collector of the process. Must not: import anything of ``app`` (the serving and HTTP layers import it;
+the core must not, an import-linter contract), or take a label whose values are unbounded (text, ids, tokens).
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ in the same run, because this machine is shared and its absolute speed drifts fr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -213,7 +214,9 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 def batch_limits(settings: Any) -> dict[str, int]:
     """The batch limits a service with these settings uses (``BatchLimits``), as a record for the results."""
-    return {"max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size}
+    from app.core.embedding import BatchLimits
+
+    return dataclasses.asdict(BatchLimits(settings.max_batch_tokens, settings.max_batch_size))
 
 
 def settings_for(env: dict[str, str]) -> Any:

@@ -1,6 +1,8 @@
 """Fairness between callers: one bulk /filter stream against one interactive caller's sequential one-item /score.
 
-Two client tokens on one real ``saft serve``, run twice: fair queuing on (the default) and off
+Two client tokens on one real ``saft serve``, run in up to three modes: fair queuing with overtaking (the default:
+a one-item batch runs while the bulk batch pauses between transformer blocks), fair queuing without it
+(``SAFT_OVERTAKE_TOKENS=0``: the interactive item waits for the bulk batch's whole pass), and neither
 (``SAFT_FAIR_QUEUING=false``, first come first served across clients). Phase "idle": the interactive caller alone. Phase "contended": the
 same requests while the bulk caller streams a /filter upload of pairs. Reported: the interactive caller's p50 /
 p90 latency in each phase, their ratio, its 429s, and the bulk stream's lines/s — measured in one run. The
@@ -78,15 +80,20 @@ def fairness(
     n_interactive: Annotated[int, typer.Option(help="Sequential one-item /score requests per phase.")] = 40,
     env: Annotated[list[str] | None, typer.Option("--env", help="SAFT_NAME=value for the service.")] = None,
     fcfs: Annotated[bool, typer.Option(help="Also run with fair queuing off (first come, first served).")] = True,
+    no_overtake: Annotated[bool, typer.Option(help="Also run fair queuing without overtaking (SAFT_OVERTAKE_TOKENS=0).")] = True,
     name: Annotated[str, typer.Option(help="Key in the results file.")] = "fairness",
     results: Annotated[Path, typer.Option(help="Results file to merge into.")] = RESULTS,
 ) -> None:
     """One bulk /filter stream vs one interactive caller: the interactive p90 contended / idle, and its 429s."""
     extra = parse_env(env)
     out: dict[str, Any] = {"env": extra}
-    modes = [("fair", "true")] + ([("first_come_first_served", "false")] if fcfs else [])
-    for mode, fair in modes:  # the same run: fair queuing on, then off
-        with saft_server({"SAFT_API_TOKENS": f"{BULK},{INTERACTIVE}", "SAFT_FAIR_QUEUING": fair, **extra}) as url:
+    modes: list[tuple[str, dict[str, str]]] = [("fair", {"SAFT_FAIR_QUEUING": "true"})]
+    if no_overtake:
+        modes.append(("fair_no_overtaking", {"SAFT_FAIR_QUEUING": "true", "SAFT_OVERTAKE_TOKENS": "0"}))
+    if fcfs:
+        modes.append(("first_come_first_served", {"SAFT_FAIR_QUEUING": "false"}))
+    for mode, mode_env in modes:  # the same run, one server per mode
+        with saft_server({"SAFT_API_TOKENS": f"{BULK},{INTERACTIVE}", **extra, **mode_env}) as url:
             out[mode] = asyncio.run(_run(url, n_bulk, n_interactive))
     out["target"] = "fair: interactive p90 within 4x of idle, no 429 (issue 18)"
     save(name, out, results)

@@ -10,6 +10,7 @@ only where the AUROC moves by at most 0.005 per kind (the issue's tolerance).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 from typing import Annotated
@@ -82,7 +83,7 @@ def quantize(
     save("quantize", {
         "command": f"python -m bench.run quantize --n {n} --rounds {rounds}",
         "subspace": f"{manifest.name}/{manifest.version}", "embedding": config.as_dict(), "items": len(items), "tokens": tokens,
-        "batch_limits": {"max_batch_tokens": fp32.batch_limits.max_batch_tokens, "max_batch_size": fp32.batch_limits.max_batch_size},
+        "batch_limits": dataclasses.asdict(fp32.batch_limits),
         "seconds": seconds, "texts_per_s": {name: round(len(items) / t, 2) for name, t in best.items()},
         "speedup_int8_vs_fp32": round(best["fp32"] / best["int8"], 3),
         "max_abs_delta_score": round(float(delta.max()), 5), "median_abs_delta_score": round(float(np.median(delta)), 5),

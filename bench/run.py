@@ -8,6 +8,7 @@
     cache      30% duplicate requests, embedding cache on vs off
     fairness   one bulk /filter stream vs an interactive caller's one-item /score: p90 contended / idle
     refit      peak RSS and time of a streaming fit for N = 10k, 50k, 200k (one process per N)
+    bulk       saft filter (local, Ray with 1 and 2 actors) over 10k / 50k lines: lines/s and peak RSS vs the core
     quantize   int8 dynamic quantization vs fp32 eager on the committed default: texts/s and score changes
     gpu        the core on CUDA in bf16 vs the chip's bf16 matmul (records 'not run' without a GPU)
     plots      PNGs of the results under docs/bench/
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import typer
 
+from bench.bulk import bulk
 from bench.core import core, gpu, layers
 from bench.fairness import fairness
 from bench.levers import quantize
@@ -28,7 +30,7 @@ from bench.refit import refit
 from bench.service import batching, cache, service
 
 app = typer.Typer(add_completion=False, help=__doc__)
-for command in (core, service, batching, peer, layers, cache, fairness, refit, quantize, gpu, plots):
+for command in (core, service, batching, peer, layers, cache, fairness, refit, bulk, quantize, gpu, plots):
     app.command()(command)
 
 if __name__ == "__main__":

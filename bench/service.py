@@ -6,6 +6,7 @@ drives them with closed-loop clients, one item per request.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -44,7 +45,7 @@ class Core:
         _, manifest = load_version(settings.models_dir, settings.subspace_name)
         self.embedder = Embedder.from_settings(settings, manifest.model_id)
         self.config = manifest.embedding
-        self.limits = batch_limits(settings)
+        self.limits = dataclasses.asdict(self.embedder.batch_limits)  # from the settings (Embedder.from_settings)
         self.info = {"subspace": f"{manifest.name}/{manifest.version}", "model": manifest.model_id, **self.limits}
 
     def rate(self, items: list[dict[str, Any]]) -> float:

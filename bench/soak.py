@@ -29,6 +29,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.serving.memory import resident_bytes
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_eval.jsonl"
 SERVER_ENV = {"SAFT_MAX_QUEUE": "64", "SAFT_MAX_ITEMS_PER_REQUEST": "16", "SAFT_FILTER_CHUNK_LINES": "16"}
 
@@ -74,12 +76,9 @@ def texts(limit: int = 400) -> list[str]:
 
 
 def rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return None
+    """The server's VmRSS in MB (``app.serving.memory.resident_bytes``), None without its pid."""
+    value = resident_bytes(pid) if pid is not None else None
+    return None if value is None else round(value / 2**20, 1)
 
 
 async def _client(client: httpx.AsyncClient, pool: list[str], deadline: float, result: PhaseResult, rng: random.Random,
@@ -118,6 +117,8 @@ async def server_memory(client: httpx.AsyncClient) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(r.text):
         for sample in family.samples:
+            if sample.value != sample.value:  # NaN: no glibc heap to report (jemalloc preloaded)
+                continue
             if sample.name == "saft_heap_bytes":
                 out[f"heap_{sample.labels['state']}_mb"] = round(sample.value / 2**20, 1)
             elif sample.name == "saft_cache_bytes":

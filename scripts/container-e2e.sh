@@ -55,7 +55,7 @@ t=$(now)
 if [ -n "${REBUILD_BASE:-}" ] || ! podman image exists "$BASE"; then
   say "base image $BASE from $SUITE ($MIRROR)"
   rm -f "$WORK/base.tar"
-  mmdebstrap --variant=minbase --include=python3.11,python3-venv,python-is-python3,ca-certificates \
+  mmdebstrap --variant=minbase --include=python3.11,python3-venv,python-is-python3,ca-certificates,libjemalloc2 \
     "$SUITE" "$WORK/base.tar" "$MIRROR" >&2
   podman import --change 'CMD ["python3"]' "$WORK/base.tar" "$BASE" >&2
 fi

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +24,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.launcher import start_server  # this checkout's launcher; the server runs from --tree
+
 
 def burn() -> None:
     while True:
@@ -33,15 +34,7 @@ def burn() -> None:
 
 
 def one_run(tree: Path, items: int, log: Path, env: dict[str, str]) -> dict[str, object]:
-    sys.path.insert(0, str(tree))
-    from app.launcher import free_port, wait_healthy
-
-    port = free_port()
-    full_env = {**os.environ, "SAFT_HOST": "127.0.0.1", "SAFT_PORT": str(port), **env}
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=tree, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, f"{url}/healthz", log, 300)
+    proc, url = start_server(env, log, 300, cwd=tree)
     answers: list[object] = []
 
     def post(k: int) -> None:

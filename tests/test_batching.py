@@ -604,3 +604,109 @@ def test_a_callers_share_of_the_queue_refuses_its_excess_only() -> None:
         await batcher.stop()
 
     run(main())
+
+
+# ---- overtaking: a small batch of another caller runs while a long one pauses at a checkpoint ------
+
+
+class LayeredModel:
+    """``process`` as a forward pass of ``steps`` layers: ``checkpoint()`` before each, a short sleep per layer.
+
+    Records (name, step, thread, time) for every layer started, so a test can see who ran when and in which thread.
+    Payloads are (name, steps)."""
+
+    def __init__(self, step_s: float = 0.01) -> None:
+        self.step_s = step_s
+        self.batcher: MicroBatcher[Any, Any] | None = None
+        self.steps: list[tuple[str, int, int, float]] = []
+        self.lock = threading.Lock()
+        self.done: dict[str, float] = {}
+
+    def __call__(self, payloads: Sequence[tuple[str, int]]) -> list[str]:
+        assert self.batcher is not None
+        names = "+".join(name for name, _ in payloads)
+        for step in range(max(steps for _, steps in payloads)):
+            self.batcher.checkpoint()
+            with self.lock:
+                self.steps.append((names, step, threading.get_ident(), time.monotonic()))
+            time.sleep(self.step_s)
+        with self.lock:
+            self.done[names] = time.monotonic()
+        return [name for name, _ in payloads]
+
+
+def layered(overtake_tokens: int = 100, **kw: Any) -> tuple[MicroBatcher[Any, Any], LayeredModel]:
+    model = LayeredModel()
+    params: dict[str, Any] = {"max_batch_tokens": 1000, "max_batch_size": 8, "max_wait_s": 0, "max_queue": 1000,
+                              "overtake_tokens": overtake_tokens}
+    params.update(kw)
+    batcher: MicroBatcher[Any, Any] = MicroBatcher(model, **params)
+    model.batcher = batcher
+    batcher.start()
+    return batcher, model
+
+
+def test_a_one_item_caller_overtakes_a_running_bulk_batch_which_pauses_meanwhile() -> None:
+    """B's item arrives while A's 60-layer batch runs: it runs in another thread and finishes long before A's batch,
+    and A's batch starts no layer while B's runs (it waits at its checkpoint); both get their own results."""
+
+    async def main() -> None:
+        batcher, model = layered()
+        bulk = asyncio.create_task(batcher.submit([("bulk", 60)], [500], caller="A"))
+        await wait_until(lambda: len(model.steps) >= 5)
+        one = await batcher.submit([("one", 3)], [10], caller="B")
+        assert one == ["one"]
+        assert "bulk" not in model.done  # B did not wait for A's pass
+        assert await bulk == ["bulk"]
+        await batcher.stop()
+        one_steps = [s for s in model.steps if s[0] == "one"]
+        bulk_steps = [s for s in model.steps if s[0] == "bulk"]
+        assert len(one_steps) == 3 and len(bulk_steps) == 60
+        assert {s[2] for s in one_steps}.isdisjoint({s[2] for s in bulk_steps})  # another thread
+        began, ended = one_steps[0][3], model.done["one"]
+        # The bulk batch paused meanwhile (one layer may start in the instant between the flag and B's first layer).
+        assert len([s for s in bulk_steps if began < s[3] < ended]) <= 1
+
+    run(main())
+
+
+def test_overtaking_is_only_for_other_callers_small_batches_and_can_be_off() -> None:
+    """No overtaking by the running batch's own caller, by an item above overtake_tokens, or with overtake_tokens=0:
+    those wait for the running pass to end."""
+
+    async def case(caller: str, cost: int, overtake_tokens: int) -> bool:
+        batcher, model = layered(overtake_tokens)
+        bulk = asyncio.create_task(batcher.submit([("bulk", 30)], [500], caller="A"))
+        await wait_until(lambda: len(model.steps) >= 3)
+        await batcher.submit([("one", 1)], [cost], caller=caller)
+        overtook = "bulk" not in model.done
+        await bulk
+        await batcher.stop()
+        return overtook
+
+    async def main() -> None:
+        assert await case("B", 10, 100)  # the control: another caller, small, on
+        assert not await case("A", 10, 100)  # the running batch's own caller
+        assert not await case("B", 101, 100)  # too large to overtake
+        assert not await case("B", 10, 0)  # off
+
+    run(main())
+
+
+def test_one_caller_overtakes_at_most_its_fair_share_of_one_running_batch() -> None:
+    """C queues 20 small items while A's pass runs: only those whose fair-queuing tags fall within overtake_tokens of
+    the running batch's start overtake it (tags 0, 10, 20, 30 of 100 tokens: about four); the rest wait for the worker,
+    so a caller with a backlog cannot starve the running batch by overtaking it again and again."""
+
+    async def main() -> None:
+        batcher, model = layered(overtake_tokens=30, max_batch_size=1)
+        bulk = asyncio.create_task(batcher.submit([("bulk", 40)], [500], caller="A"))
+        await wait_until(lambda: len(model.steps) >= 3)
+        many = asyncio.create_task(batcher.submit([(f"c{i}", 1) for i in range(20)], [10] * 20, caller="C"))
+        await bulk
+        before = [name for name, t in model.done.items() if name.startswith("c") and t < model.done["bulk"]]
+        assert 1 <= len(before) <= 4, before
+        assert len(await many) == 20
+        await batcher.stop()
+
+    run(main())

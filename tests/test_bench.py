@@ -99,6 +99,20 @@ def test_refit_benchmark_smoke(tmp_path: Path) -> None:
     assert all(r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0 and r["seconds"] > 0 for r in data["by_n"])
 
 
+def test_bulk_benchmark_smoke(tmp_path: Path) -> None:
+    data = invoke(tmp_path / "r.json", "bulk", "--sizes", "60,120", "--ray-sizes", "60", "--ray-actors", "1",
+                  "--fit-rows", "160")["bulk"]
+    assert [(r["engine"], r["actors"], r["lines"]) for r in data["runs"]] == [("local", None, 60), ("local", None, 120),
+                                                                              ("ray", 1, 60)]
+    assert all(r["all_accounted"] and r["accounted"] == r["lines"] and r["peak_rss_mb"] > 0 for r in data["runs"])
+    for r in data["runs"]:
+        assert r["lines_per_s"] == pytest.approx(r["lines"] / r["seconds"], abs=0.06)
+        assert r["of_core"] == pytest.approx(r["lines_per_s"] / data["core_texts_per_s"], rel=0.01, abs=0.002)
+    memory = data["local_memory"]
+    assert (memory["from"], memory["to"]) == (60, 120)
+    assert memory["growth_mb"] == pytest.approx(memory["peak_rss_mb"][1] - memory["peak_rss_mb"][0], abs=0.11)
+
+
 def test_gpu_benchmark_records_that_it_did_not_run_without_cuda(tmp_path: Path) -> None:
     import torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_encoder_batch_invariance_and_dim(encoder: Embedder, calibration_rows: l
 def test_only_needed_layers_run_and_match_full_model(embedder: Embedder) -> None:
     enc = embedder.encode(["The quick brown fox jumps over the lazy dog."], EmbeddingConfig())
     ran: list[int] = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(embedder._blocks)]
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, b in enumerate(embedder._blocks)]
     try:
         mine = embedder.forward(enc, EmbeddingConfig(layers=(5, 0, 3)))
     finally:
@@ -51,6 +52,33 @@ def test_only_needed_layers_run_and_match_full_model(embedder: Embedder) -> None
         full = embedder.model(input_ids=torch.tensor([enc[0].input_ids]), output_hidden_states=True).hidden_states
     expected = np.concatenate([full[i][0, -1].numpy() for i in (5, 0, 3)])
     assert _rel(mine[0], expected) < 1e-5
+
+
+def test_a_pass_paused_at_its_checkpoint_while_another_pass_runs_keeps_both_vectors(embedder: Embedder,
+                                                                                   calibration_rows: list[dict]) -> None:
+    """The service's overtaking: a batch's pass waits at a checkpoint (after a block) while another thread runs a whole
+    pass of other items through the same model; the block hooks act per thread, so both get exactly the vectors
+    they get alone, and the paused pass calls its checkpoint once after every block before the deepest."""
+    config = EmbeddingConfig(layers=(-1, 6), max_length=256)
+    long = embedder.encode_items([parse_item(r) for r in calibration_rows[:4]], config)
+    short = embedder.encode(["How do I bake bread?"], config)
+    alone_long, alone_short = embedder.forward(long, config), embedder.forward(short, config)
+    calls = 0
+    overtaking: dict[str, np.ndarray] = {}
+
+    def checkpoint() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # inside the long pass: run the short one to its end in another thread, then go on
+            thread = threading.Thread(target=lambda: overtaking.setdefault("short", embedder.forward(short, config)))
+            thread.start()
+            thread.join()
+
+    paused_long = embedder.forward(long, config, checkpoint=checkpoint)
+    deepest = max(embedder.normalize_layers(config.layers))
+    assert calls == deepest - 1
+    np.testing.assert_allclose(paused_long, alone_long, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(overtaking["short"], alone_short, rtol=0, atol=1e-5)
 
 
 def test_negative_layers_and_range(embedder: Embedder) -> None:

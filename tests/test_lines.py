@@ -19,6 +19,7 @@ import zstandard
 from app.core.items import ItemError, parse_item
 from app.core.lines import (
     SAFT_COLUMNS,
+    LineSplitter,
     Record,
     RecordFileError,
     data_files,
@@ -94,6 +95,24 @@ def test_jsonl_numbers_match_the_file(tmp_path: Path, calibration_rows: list[dic
     # A line that is not JSON is still a record: decoding it, and refusing it, is that line's business downstream.
     (tmp_path / "bad.jsonl").write_bytes(a + b"\n{not json\n" + b + b"\n")
     assert [r.number for r in open_records(tmp_path / "bad.jsonl")] == [1, 2, 3]
+
+
+def test_the_splitter_gives_the_same_records_however_the_bytes_are_cut(calibration_rows: list[dict]) -> None:
+    """/filter feeds upload chunks, a file gives lines: the records are the same for every cut of the same bytes,
+    and a line over the limit is one error record at its own number, its bytes dropped as they come."""
+    a, b, c = (json.dumps(r).encode() for r in calibration_rows[:3])
+    limit = max(len(a), len(b), len(c)) + 2
+    long = b'{"text": "' + b"x" * limit + b'"}'
+    data = b"\xef\xbb\xbf" + a + b"\r\n\n" + long + b"\n" + b + b"\n   \n" + c
+    expected = [Record(1, a, None), Record(3, None, f"line: longer than the limit of {limit} bytes"), Record(4, b, None),
+                Record(6, c, None)]
+    for size in (1, 2, 7, 64, limit - 1, limit + 1, len(data)):
+        pieces = [data[i:i + size] for i in range(0, len(data), size)]
+        assert list(jsonl_records(pieces, max_line_bytes=limit)) == expected, size
+    splitter = LineSplitter(max_line_bytes=10)
+    assert list(splitter.feed(b"x" * 11)) == [Record(1, None, "line: longer than the limit of 10 bytes")]
+    assert list(splitter.feed(b"y" * 1000)) == [] and len(splitter._buffer) == 0  # dropped, not kept
+    assert list(splitter.feed(b"z\n{}")) == [] and list(splitter.finish()) == [Record(2, b"{}", None)]
 
 
 def test_compressed_round_trips(tmp_path: Path, calibration_rows: list[dict]) -> None:

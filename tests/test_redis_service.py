@@ -8,7 +8,8 @@ from pathlib import Path
 from app.config import Settings
 from app.core.embedding import Embedder
 from app.core.items import parse_item
-from app.serving.service import RegistryUnavailable, ScoringService
+from app.serving.errors import RegistryUnavailable
+from app.serving.service import ScoringService
 from tests.support import RedisServer, install_default_v1
 
 
@@ -23,11 +24,11 @@ def test_starts_degraded_without_redis_and_joins_when_it_appears(embedder: Embed
     async def run() -> None:
         await service.start()
         try:
-            assert service.ready and service.health == "degraded" and service.registry.current.manifest.version == "v1"
+            assert service.ready and service.health == "degraded" and service.subspaces.current.manifest.version == "v1"
             scored = await service.score([item], service.snapshot(), None)  # scoring goes on
             assert scored[0].verdict == "keep"
             try:
-                await service.activate("v1")
+                await service.subspaces.activate("v1")
                 raise AssertionError("an activation without Redis must be refused")
             except RegistryUnavailable as err:
                 assert "Redis is unreachable" in str(err)
@@ -42,7 +43,7 @@ def test_starts_degraded_without_redis_and_joins_when_it_appears(embedder: Embed
             assert client.zrange("saft:{default}:versions", 0, -1) == [b"v1"]
             again = await service.score([item], service.snapshot(), None)
             assert again[0].score == scored[0].score  # from the cache, the same vector
-            versions = await service.versions()
+            versions = await service.subspaces.list()
             assert versions == ["v1"]
         finally:
             await service.stop()

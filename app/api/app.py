@@ -1,4 +1,10 @@
-"""The FastAPI application: lifespan (load → subspace → warm up → batcher → ready), middleware, routers."""
+"""The FastAPI application: lifespan (load → subspace → warm up → batcher → ready), middleware, routers.
+
+Owns: ``create_app`` (routers and the error table installed), the lifespan that starts and stops the service, JSON
+logging with the request id, and ``RequestContext``: request ids, the access log, per-route metrics and the body
+size and time limits enforced before FastAPI parses anything. Must not: load the model, a subspace or Redis at import
+(``ScoringService.load`` builds them in the lifespan), or hold a route or any scoring logic.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Dependencies: the service instance, bearer-token checks (constant-time) and the caller's identity.
 
+Owns: ``get_service``, ``require_client``, ``require_admin`` and the caller identity. Must not: keep, log or compare a
+token other than in constant time, or know routes, models or scores.
+
 The identity (a digest of the bearer token, else the client's address) is what the batcher shares the worker
 between and what rate limits count; never the token itself, which stays out of memory structures and logs.
 """

@@ -1,6 +1,10 @@
 """The one error table (as TEI's): exception → status code, with a message a client can act on.
 
 Unexpected errors return a generic 500 body; the detail goes to the log, never to the client.
+
+Owns: ``TABLE``, the HTTP layer's own exceptions (413, 408, 415, 404, 401, 403), the error body and its headers
+(Retry-After, WWW-Authenticate), and the handlers ``install`` adds. Must not: map a status anywhere else, or put an
+unexpected error's message in a response; the layers below raise their own exceptions and never a status code.
 """
 
 from __future__ import annotations

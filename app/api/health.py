@@ -1,4 +1,9 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+Owns: /healthz, /readyz (the service's health, queue depth and Redis state) and /metrics (``app.metrics``'
+collectors), none of which needs a token. Must not: touch the model or Redis itself, or define metrics; it reports
+the state the service already holds.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +24,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Model loaded and a subspace active ('degraded': scoring, but Redis unreachable)")
 async def readyz(service: ScoringService = Depends(get_service)) -> ORJSONResponse:
-    current = service.registry.current
+    current = service.subspaces.current
     status = service.health
     body = {
         "status": status,
         "model": service.embedder.model_id,
         "subspace": None if current is None else {"name": current.manifest.name, "version": current.manifest.version},
         "queue_depth": service.batcher.queue_depth,
-        "redis": "not_configured" if service.fleet is None else ("connected" if service.fleet_online else "unreachable"),
+        "redis": "not_configured" if service.subspaces.fleet is None else ("connected" if service.subspaces.fleet_online else "unreachable"),
     }
     return ORJSONResponse(body, status_code=503 if status == "not_ready" else 200)
 

@@ -1,6 +1,9 @@
 """GET /info (as TEI's): the model, the active subspace, its embedding and the request limits.
 
 Clients size their batches from it. It needs a client token, as /score does: it names τ.
+
+Owns: the ``InfoResponse`` built from the settings, the service's model and the active manifest. Must not: touch the
+model, the batcher or Redis, or answer without a client token.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ router = APIRouter(tags=["health"], dependencies=[Depends(require_client)])
 @router.get("/info", response_model=InfoResponse, summary="Model, active subspace, embedding config and request limits")
 async def info(service: ScoringService = Depends(get_service)) -> InfoResponse:
     settings = service.settings
-    current = service.registry.current
+    current = service.subspaces.current
     m = None if current is None else current.manifest
     subspace = None if m is None else InfoSubspace(
         name=m.name, version=m.version, method=m.method, threshold=m.threshold,

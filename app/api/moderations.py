@@ -1,5 +1,9 @@
 """POST /v1/moderations: OpenAI's moderation API over the same scoring path as /score.
 
+Owns: translating OpenAI's request into items and the facade's results into OpenAI's response (the category score:
+the result's probability, else ``app.core.calibration.squash`` of its score and τ). Must not: embed, score or decide
+verdicts (``ScoringService.score`` does), or limit and rate-check otherwise than /score (the same facade checks).
+
 Same auth, limits, batching and metrics as /score (it calls the facade's ``score``). One category,
 ``harmful``: ``flagged`` is the verdict (score > τ of the item's kind), its score the calibrated
 probability. OpenAI's 13 categories are not returned: this model does not score them, and the openai
@@ -47,7 +51,7 @@ async def moderations(body: ModerationRequest, service: ScoringService = Depends
     for i, item in enumerate(items):
         service.check_size(item, f"input[{i}]")
     service.check_rate(caller, len(items))
-    snapshot = service.snapshot_for(body.model)
+    snapshot = service.snapshot(body.model)
     results = await service.score(items, snapshot, None, caller=caller)
     m = snapshot.manifest
     return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=body.model or f"{m.name}@{m.version}",

@@ -5,6 +5,9 @@ here, so the service and its client cannot drift apart. What this module adds is
 can check, by subclassing the item-carrying models: that an item's keys fit a known shape (``app.core.items``),
 the parsed sample kept on the model for the route. The admin bodies (refit jobs, versions) have no client
 and live here alone.
+
+Owns: the service-side subclasses of the wire models and the admin bodies. Must not: redefine a wire shape the client
+package defines, parse items otherwise than ``app.core.items`` does, or hold route logic.
 """
 
 from __future__ import annotations

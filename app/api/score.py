@@ -1,4 +1,10 @@
-"""POST /score and POST /filter."""
+"""POST /score and POST /filter.
+
+Owns: both routes, the /filter upload (spooled to a temp file, gzip inflated within the upload limit), its numbered
+lines read incrementally, the streaming response that cancels the work of a client who left, and the stream's
+summary. Must not: embed, score or decide verdicts (``ScoringService.score`` does; sides and records are merged by
+``app.core.pipeline``), or hold a whole upload in memory.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from app.api.deps import get_service, require_client
 from app.api.errors import BodyTimeout, PayloadTooLarge, UnsupportedEncoding
 from app.api.schemas import FilterSummary, ItemResult, ScoreRequest, ScoreResponse, SubspaceRef
 from app.core.items import ItemError, Shape, parse_columns
+from app.core.lines import LineSplitter, Record
 from app.core.pipeline import Line, line_record, merge_back, merge_sides, parse_line, scorable, side_records
 from app.serving.errors import ItemTooLarge
 from app.serving.service import ScoringService
@@ -220,35 +227,22 @@ async def score(body: ScoreRequest, service: ScoringService = Depends(get_servic
 
 async def _lines(chunks: AsyncIterator[bytes], max_line_bytes: int, shape: Shape | Literal["auto"] = "auto",
                  columns: Mapping[str, str] | None = None, start_line: int = 1) -> AsyncIterator[Line | None]:
-    """Numbered lines of the upload, read incrementally; oversize lines become error lines. A line numbered below
-    ``start_line`` (a resumed stream) is ``None``: counted, not parsed."""
-    buffer = bytearray()
-    number = 0
-    skipping = False  # inside an oversize line: drop bytes until its newline
+    """Numbered lines of the upload, read incrementally by the one splitter (``LineSplitter``); oversize lines become
+    error lines. A line numbered below ``start_line`` (a resumed stream) is ``None``: counted, not parsed."""
+    splitter = LineSplitter(max_line_bytes)
+
+    def line(record: Record) -> Line | None:
+        if record.number < start_line:
+            return None
+        if record.payload is None:
+            return Line(record.number, None, None, None, record.error)
+        return parse_line(record.number, record.payload, shape, columns)
+
     async for chunk in chunks:
-        buffer += chunk
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                if len(buffer) > max_line_bytes and not skipping:
-                    number += 1
-                    skipping = True
-                    yield None if number < start_line else Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
-                if skipping:
-                    buffer.clear()
-                break
-            raw = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            if skipping:
-                skipping = False
-                continue
-            number += 1
-            if len(raw) > max_line_bytes:
-                yield None if number < start_line else Line(number, None, None, None, f"line: longer than the limit of {max_line_bytes} bytes")
-            elif raw.strip():  # blank lines keep their number but carry nothing to account for
-                yield None if number < start_line else parse_line(number, raw, shape, columns)
-    if buffer.strip() and not skipping:
-        yield None if number + 1 < start_line else parse_line(number + 1, bytes(buffer), shape, columns)
+        for record in splitter.feed(chunk):
+            yield line(record)
+    for record in splitter.finish():
+        yield line(record)
 
 
 def _size_checked(line: Line, service: ScoringService) -> Line:

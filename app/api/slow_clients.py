@@ -5,6 +5,9 @@ sends nothing, or sends its request head a byte at a time (slow-loris), is held 
 one that keeps dripping a body the app has already answered (413, 408). Each holds a socket and a
 file descriptor; enough of them starve the server. Body time limits live in the app's middleware
 (``app.api.app.RequestContext``); this class bounds what the app never sees.
+
+Owns: ``BoundedHttpToolsProtocol`` (the request-head timeout, closing a connection answered before its body was in)
+and ``http_protocol``. Must not: know the app, its routes or the service, or bound request bodies (the middleware does).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""/subspace: the active version, versions, rollback, and refit jobs (writes need the admin token)."""
+"""/subspace: the active version, versions, rollback, and refit jobs (writes need the admin token).
+
+Owns: these routes, the admin check on writes, and spooling a refit upload to a temp file (named so that a start
+removes a killed process's). Must not: fit, load, write or activate a version itself (the service's subspace
+versions and refit jobs do), or let a client token write.
+"""
 
 from __future__ import annotations
 
@@ -25,12 +30,12 @@ router = APIRouter(prefix="/subspace", tags=["subspace"])
 
 async def _info(service: ScoringService, version: str) -> SubspaceInfo:
     try:
-        manifest = await service.manifest(check_version(version))
+        manifest = await service.subspaces.manifest(check_version(version))
     except CorruptVersion:
         raise  # the store's fault (500), not a missing version
     except ArtifactError as err:
         raise NotFound(str(err)) from None
-    current = service.registry.current
+    current = service.subspaces.current
     return SubspaceInfo(name=manifest.name, version=manifest.version,
                         active=current is not None and current.manifest.version == manifest.version, manifest=manifest.to_json())
 
@@ -43,9 +48,9 @@ async def active(service: ScoringService = Depends(get_service)) -> SubspaceInfo
 
 @router.get("/versions", response_model=VersionList, dependencies=[Depends(require_client)])
 async def versions(service: ScoringService = Depends(get_service)) -> VersionList:
-    current = service.registry.current
-    return VersionList(name=service.registry.name, active=current.manifest.version if current else None,
-                       versions=await service.versions())
+    current = service.subspaces.current
+    return VersionList(name=service.subspaces.name, active=current.manifest.version if current else None,
+                       versions=await service.subspaces.list())
 
 
 @router.get("/versions/{version}", response_model=SubspaceInfo, dependencies=[Depends(require_client)])
@@ -57,9 +62,9 @@ async def version_info(version: str, service: ScoringService = Depends(get_servi
              summary="Activate a published version (rollback or roll forward)")
 async def activate(version: str, service: ScoringService = Depends(get_service)) -> SubspaceInfo:
     check_version(version)
-    if version not in await service.versions():
-        raise NotFound(f"subspace {service.registry.name!r} has no version {version!r}")
-    await service.activate(version)
+    if version not in await service.subspaces.list():
+        raise NotFound(f"subspace {service.subspaces.name!r} has no version {version!r}")
+    await service.subspaces.activate(version)
     return await _info(service, version)
 
 
@@ -109,7 +114,7 @@ async def refit(
 
 @router.get("/jobs/{job_id}", response_model=JobState, dependencies=[Depends(require_client)])
 async def job(job_id: str, service: ScoringService = Depends(get_service)) -> JobState:
-    state = await service.job(job_id)
+    state = await service.refits.job(job_id)
     if state is None:
         raise NotFound(f"no refit job {job_id!r}")
     return JobState(**state)

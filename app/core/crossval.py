@@ -5,6 +5,9 @@ subspace is fitted on every other one with the same options as ``saft fit``, its
 fit's policy on those training items, and the held-out items are scored. Near-duplicates share a ``group``;
 a group never straddles a fold (a held-out item's group is left out of that fold's training too). Works on
 embedded vectors only: numpy, no model, no I/O.
+
+Must not: read files, embed or write the report (``saft crossval`` in ``app.cli`` does), or fit, choose τ or measure
+otherwise than ``app.core.subspace`` and ``app.core.quality`` do.
 """
 
 from __future__ import annotations

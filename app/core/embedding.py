@@ -1,11 +1,17 @@
 """Hidden-state embeddings from a real Hugging Face model: loading, tokenizing, layer capture, pooling.
 
-Owns the model. Knows nothing of HTTP, subspaces, queues or Redis. Forward passes run in one thread
-at a time (the CLI's loop or the service's inference worker); tokenizing may run in any thread.
+Owns the model: resolving it (a GGUF, the embedded default's included, converted once into the model cache),
+tokenizing, layer capture, pooling, ``BatchLimits`` (the one offline batch planner) and ``cache_key``. Forward passes
+run in the CLI's loop or the service's inference worker; the block hooks act per thread, so a second pass may run
+while one is paused at its ``checkpoint`` (the batcher's overtaking batch). Tokenizing may run in any thread.
+
+Must not: know HTTP, subspaces, queues or Redis, decide when a pass pauses (its caller's ``checkpoint`` does), or keep
+embeddings (``app.serving.cache`` and ``app.core.embedstore`` do).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -14,7 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,6 +88,16 @@ class Encoded:
 
 class _StopForward(Exception):
     """Raised by the last needed layer's hook so deeper layers never run."""
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One ``hidden_states`` call, as its thread's block hooks see it (a thread-local: passes may overlap in threads)."""
+
+    layers: frozenset[int]
+    deepest: int
+    checkpoint: Callable[[], None] | None
+    captured: dict[int, torch.Tensor]
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -213,6 +229,8 @@ class Embedder:
         #: Offline batches (``embed``, the sweep); ``from_settings`` sets the configured ones.
         self.batch_limits = BatchLimits.for_device(self.device)
         self._blocks = _find_blocks(model, self.num_layers)
+        self._pass = threading.local()  # .current: this thread's _Pass, if it is inside hidden_states
+        self._install_block_hooks()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise EmbeddingError(f"tokenizer of {model_id} has neither a pad nor an EOS token")
@@ -342,10 +360,39 @@ class Embedder:
         return self.hidden_size * len(config.layers)
 
     @torch.inference_mode()
-    def hidden_states(self, batch: Sequence[Encoded], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def _install_block_hooks(self) -> None:
+        """Hooks on every block, once: they act only for the pass of their own thread (``self._pass.current``), so
+        two passes may run at once (an overtaking batch while another is paused at its checkpoint)."""
+
+        def before_first(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            current: _Pass | None = getattr(self._pass, "current", None)
+            if current is not None and 0 in current.layers:
+                current.captured[0] = args[0] if args else kwargs["hidden_states"]
+                if current.deepest == 0:
+                    raise _StopForward
+
+        def after(index: int, _module: torch.nn.Module, _args: Any, out: Any) -> None:
+            current: _Pass | None = getattr(self._pass, "current", None)
+            if current is None:
+                return
+            if index in current.layers:
+                current.captured[index] = out[0] if isinstance(out, tuple) else out
+            if index >= current.deepest:
+                raise _StopForward
+            if current.checkpoint is not None:
+                current.checkpoint()
+
+        self._blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
+        for block_index, block in enumerate(self._blocks):
+            block.register_forward_hook(functools.partial(after, block_index + 1))
+
+    def hidden_states(self, batch: Sequence[Encoded], layers: Sequence[int],
+                      checkpoint: Callable[[], None] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hidden states of absolute ``layers`` for one right-padded batch, and its attention mask.
 
-        Only the blocks up to the deepest requested layer run: a hook on that block stops the pass.
+        Only the blocks up to the deepest requested layer run: the hook after that block stops the pass.
+        ``checkpoint`` is called after each block before it (it may block: the service's batcher pauses a batch
+        there while a small one overtakes it; the vectors do not change).
         """
         deepest = max(layers)
         lengths = torch.tensor([len(e.input_ids) for e in batch])
@@ -356,41 +403,22 @@ class Embedder:
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
 
-        captured: dict[int, torch.Tensor] = {}
-
-        def grab(index: int, hidden: torch.Tensor) -> None:
-            captured[index] = hidden
-            if index == deepest:
-                raise _StopForward
-
-        handles = []
-        if 0 in layers:
-            handles.append(
-                self._blocks[0].register_forward_pre_hook(
-                    lambda _m, args, kwargs: grab(0, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True,
-                )
-            )
-        for index in {i for i in layers if i > 0}:
-            handles.append(
-                self._blocks[index - 1].register_forward_hook(
-                    lambda _m, _a, out, index=index: grab(index, out[0] if isinstance(out, tuple) else out)
-                )
-            )
+        current = _Pass(frozenset(layers), deepest, checkpoint, {})
+        self._pass.current = current
         try:
             self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         except _StopForward:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
-        return captured, mask
+            self._pass.current = None
+        return current.captured, mask
 
     @torch.inference_mode()
-    def forward_multi(self, batch: Sequence[Encoded], layers: Sequence[int], poolings: Sequence[Pooling]) -> dict[str, np.ndarray]:
+    def forward_multi(self, batch: Sequence[Encoded], layers: Sequence[int], poolings: Sequence[Pooling],
+                      checkpoint: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
         """Several poolings of several layers from one pass: {pooling: (n, len(layers), hidden)} float32."""
         absolute = self.normalize_layers(layers)
-        captured, mask = self.hidden_states(batch, absolute)
+        captured, mask = self.hidden_states(batch, absolute, checkpoint)
         starts = torch.tensor([e.response_start for e in batch], device=mask.device)
         out: dict[str, np.ndarray] = {}
         for pooling in poolings:
@@ -401,12 +429,13 @@ class Embedder:
             out[pooling] = vectors
         return out
 
-    def forward(self, batch: Sequence[Encoded], config: EmbeddingConfig) -> np.ndarray:
+    def forward(self, batch: Sequence[Encoded], config: EmbeddingConfig, checkpoint: Callable[[], None] | None = None) -> np.ndarray:
         """Pooled hidden states of one batch, shape (len(batch), hidden * len(layers)), float32.
 
         Right padding with an attention mask: a text's vector does not depend on its batch-mates.
+        ``checkpoint``: see ``hidden_states``.
         """
-        return self.forward_multi(batch, config.layers, [config.pooling])[config.pooling].reshape(len(batch), -1)
+        return self.forward_multi(batch, config.layers, [config.pooling], checkpoint)[config.pooling].reshape(len(batch), -1)
 
     def embed(self, encoded: Sequence[Encoded], config: EmbeddingConfig, limits: BatchLimits | None = None) -> np.ndarray:
         """Embed many items in length-sorted batches under ``limits`` (default: this embedder's); input order kept."""

@@ -4,7 +4,7 @@ over the same lines never run the model twice.
 Owns one file format (``.npz``: ``keys``, ``vectors`` float32, ``n_tokens``, ``truncated`` and a JSON ``meta``
 naming the model weights and the embedding config) and an ``EmbedFn`` wrapper that serves what the file holds
 and embeds only the rest. Rows are found by the embedding cache's key (weights + config + formatted text,
-``app.serving.cache.cache_key``), so a file can never answer for another model, config or text. Must not know HTTP,
+``app.core.embedding.cache_key``), so a file can never answer for another model, config or text. Must not know HTTP,
 subspaces or thresholds. Writes are atomic (temp file + rename).
 """
 

@@ -3,6 +3,10 @@ formatter. Reads decoded objects only; files and their formats are ``app.core.li
 
 The formatting template is part of a subspace's identity: fit and score must format alike, so the
 template name is stored in every manifest and passed back here.
+
+Owns: ``SHAPES``, ``Item``/``Sample``, shape detection, column mapping, labels and ``make_formatter``. Must not: read
+files or decode JSON lines (``app.core.lines``, ``app.core.pipeline.parse_line``), tokenize, embed or score; it imports
+nothing from ``app``.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ The API:
     ``Dataset.save_to_disk``: its ``data-*.arrow`` files in ``state.json``'s order, numbered on from one file to the
     next, so row N is ``load_from_disk(path)[N - 1]``. Arrow files are read with pyarrow (memory-mapped), so
     reading a saved dataset needs neither the ``datasets`` package nor the Hub.
-``jsonl_records(stream) -> Iterator[Record]``
-    The same for an already open JSONL stream (uploads, stdin).
+``jsonl_records(stream) -> Iterator[Record]`` / ``LineSplitter``
+    The same for an already open JSONL stream (uploads, stdin); ``LineSplitter`` is its splitter, fed piece by piece
+    (``/filter`` feeds it an upload's chunks as they arrive), with an optional line-length limit.
 ``record_format(path) -> (format, compression)``
     What ``open_records`` would read ``path`` as; ``RecordFileError`` for a suffix it does not know, or a
     directory that is not a saved dataset (a ``DatasetDict`` is named as such, with its splits).
@@ -109,15 +110,66 @@ def record_format(path: Path | str) -> tuple[Format, Compression]:
     return fmt, compression
 
 
-def jsonl_records(stream: Iterable[bytes | str]) -> Iterator[Record]:
-    """Every non-blank line of a JSONL stream as a ``Record`` (payload: the line's bytes, line end stripped)."""
-    for number, raw in enumerate(stream, start=1):
-        line = raw.encode() if isinstance(raw, str) else raw
-        line = line.rstrip(b"\r\n")
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte order mark (Windows exports) is not part of the first object
-        if line.strip():
-            yield Record(number, line, None)
+class LineSplitter:
+    """The one JSONL splitter: bytes fed in pieces of any size (a file's lines, an upload's chunks) → numbered
+    ``Record`` s. Blank lines are counted, not yielded; a line's end (``\n``, ``\r\n``) and a UTF-8 byte order mark
+    before the first line (Windows exports) are not part of it; a line longer than ``max_line_bytes`` becomes an error
+    record at once (its bytes are dropped as they come, so a line without end cannot fill memory)."""
+
+    def __init__(self, max_line_bytes: int | None = None) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._buffer = bytearray()
+        self._number = 0
+        self._skipping = False  # inside an oversize line: drop bytes until its newline
+        self._at_start = True
+
+    def _too_long(self) -> Record:
+        return Record(self._number, None, f"line: longer than the limit of {self.max_line_bytes} bytes")
+
+    def _line(self, raw: bytes) -> Iterator[Record]:
+        self._number += 1
+        if self._number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.removesuffix(b"\r")
+        if self.max_line_bytes is not None and len(raw) > self.max_line_bytes:
+            yield self._too_long()
+        elif raw.strip():
+            yield Record(self._number, raw, None)
+
+    def feed(self, data: bytes | str) -> Iterator[Record]:
+        """The records completed by ``data``."""
+        self._buffer += data.encode() if isinstance(data, str) else data
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if self.max_line_bytes is not None and len(self._buffer) > self.max_line_bytes and not self._skipping:
+                    self._number += 1
+                    self._skipping = True
+                    yield self._too_long()
+                if self._skipping:
+                    self._buffer.clear()
+                return
+            raw = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            yield from self._line(raw)
+
+    def finish(self) -> Iterator[Record]:
+        """The last line, if the stream did not end with a newline."""
+        if self._buffer and not self._skipping:
+            yield from self._line(bytes(self._buffer))
+        self._buffer.clear()
+
+
+def jsonl_records(stream: Iterable[bytes | str], max_line_bytes: int | None = None) -> Iterator[Record]:
+    """Every non-blank line of a JSONL stream as a ``Record`` (payload: the line's bytes, line end stripped), split by
+    ``LineSplitter`` whatever the pieces ``stream`` yields (a file's lines, chunks)."""
+    splitter = LineSplitter(max_line_bytes)
+    for piece in stream:
+        yield from splitter.feed(piece)
+    yield from splitter.finish()
 
 
 def open_records(path: Path | str) -> Iterator[Record]:

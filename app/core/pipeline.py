@@ -2,6 +2,11 @@
 subspace, score items.
 
 Shared by the CLI, the service's refit job and the Ray engine. No HTTP, no queues, no Redis.
+
+Owns: ``Line`` and reading rows into lines, ``FitOptions``/``FitParams`` (one parameter object for ``saft fit`` and a
+refit), ``fit_lines``, ``Scored`` and ``score_lines``, the chunk-score-merge helpers (``scorable``, ``merge_back``,
+``merge_sides``) and the record shapes (``line_record``, ``filter_record``, ``table_row``). Must not: know HTTP, queues,
+Redis or the CLI, or store versions (its callers save what it fits through ``app.store``): import-linter's contracts.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Thresholds users can reason about, and detection quality (AUROC, AUPRC, TPR at FPR, P/R/F1).
 
 numpy / scikit-learn only; no I/O. Label 1 means harmful; higher scores mean more harmful.
+
+Owns: ``ThresholdPolicy``, choosing τ (``choose_threshold``, ``choose_thresholds``) and the quality metrics
+(``quality``, ``grouped_quality``). Must not: read or write anything, or know the model, the subspace or items:
+it sees labels and scores only.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 the calibration of probabilities (reliability curve, expected calibration error) where a version has one.
 
 Plots are rendered with matplotlib (Agg) into inline PNGs so the file can be mailed or archived.
+
+Owns: ``write_report`` (one HTML file, written atomically) and its plots. Must not: score, fit or choose τ, or
+compute the quality table it shows (callers pass ``app.core.quality``'s metrics); it writes only the file it is given.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The SAFT subspace: streaming moments, the fit, the one score function, thresholds. numpy only, no I/O.
+"""The SAFT subspace: streaming moments, the fit, the one score function. numpy only, no I/O.
+
+Owns: ``MomentAccumulator``, ``FitStatistics``, ``Subspace`` (fit, ``score_samples``, its parameters and tensors) and
+``FitError``. Must not: import torch, transformers or the embedder (an import-linter contract), read or write files
+(``app.store.artifacts`` stores its tensors), or choose τ (``app.core.quality`` does).
 
 Reads like scikit-learn's PCA: parameters in ``__init__``, ``fit`` returns self, learned state ends
 in ``_``, ``score_samples`` scores, a clear error before fit, deterministic signs.

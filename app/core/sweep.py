@@ -3,6 +3,10 @@
 Each file is embedded once for all requested layers and poolings; every combination is then a
 cheap fit on stored vectors. Ranked by the worst per-kind AUROC (a default must hold on every
 format, not just on average).
+
+Owns: ``EmbeddedSet``/``embed_set``, the group-wise hold-out (``holdout_mask``) and ``run_sweep``. Must not: read
+files, print or write reports (``saft sweep`` in ``app.cli`` does), store versions, or fit and measure otherwise than
+``Subspace`` and ``app.core.quality`` do.
 """
 
 from __future__ import annotations

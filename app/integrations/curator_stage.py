@@ -9,6 +9,9 @@ batches it is given together. Each row gains the ``VERDICT_FIELDS`` columns (``s
 Rows are read from the batch's Arrow form (``app.core.lines.batch_rows``: nulls are absent keys, so a table mixing shapes
 reads as its JSONL lines do). Imported only by pipelines that use it (needs the ``curator`` extra); owns no scoring and
 no item parsing.
+
+Owns: ``SaftScore`` and ``keep``. Must not: score, parse or format items itself (``LocalScorer`` and ``app.core`` do),
+or be imported by the service, the CLI or the Ray engine.
 """
 
 from __future__ import annotations

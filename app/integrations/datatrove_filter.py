@@ -10,6 +10,9 @@ reason in ``saft_error``), both written to the ``exclusion_writer`` when one is 
 ``prompt``/``response``, preference rows), which datatrove's readers would otherwise skip.
 
 Imported only by pipelines that use it (needs the ``datatrove`` extra); owns no scoring and no item parsing.
+
+Owns: ``SaftFilter``, ``document_row`` and ``row_adapter``. Must not: score, parse or format items itself
+(``LocalScorer`` and ``app.core.items`` do), or be imported by the service, the CLI or the Ray engine.
 """
 
 from __future__ import annotations

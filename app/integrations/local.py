@@ -1,12 +1,14 @@
 """The one scorer of every pipeline integration, and the ``saft_*`` fields a scored row gains there.
 
 ``LocalScorer`` loads the model and a subspace version once, as ``saft filter`` loads them (settings →
-``load_version`` → ``Embedder.from_settings`` → ``check_compatible`` → ``direct_embed``; the model once per process), and scores rows (decoded
-objects in any ``app.core.items`` shape) with ``app.core.pipeline``'s ``parse_line`` and ``score_lines``: a row gets the verdict
-``saft filter`` gives the same line. ``verdict_fields`` is what a pipeline stores beside the row.
+``load_version`` → ``Embedder.from_settings`` → ``check_compatible`` → ``direct_embed``; the model once per process),
+and scores rows (decoded objects in any ``app.core.items`` shape) with ``app.core.pipeline``'s ``parse_line`` and
+``score_lines``: a row gets the verdict ``saft filter`` gives the same line. ``verdict_fields`` is what a pipeline
+stores beside the row.
 
-Owns no scoring, parsing or formatting of its own, and knows no pipeline framework (datatrove and Curator types stay in
-their modules).
+Owns: ``LocalScorer``, the per-process shared embedder, ``check_shape`` and ``VERDICT_FIELDS``/``verdict_fields``.
+Must not: score, parse or format in a way of its own (``app.core.pipeline`` and ``app.core.items`` do), or know a
+pipeline framework (datatrove and Curator types stay in their modules).
 """
 
 from __future__ import annotations

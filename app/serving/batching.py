@@ -5,8 +5,11 @@ between callers (start-time fair queuing on token cost: the item that runs next 
 smallest virtual start tag, so a caller streaming thousands of items does not make a one-item caller
 wait behind all of them), batch formation (same key only, padded cost ``max(cost) · len`` within a
 token budget, length bucketing around the item that runs next),
-the wait for a batch to fill, cancellation of abandoned work, draining on shutdown, and per-batch
-statistics handed to a callback.
+the wait for a batch to fill, overtaking (with ``overtake_tokens``: while a batch runs, a small batch of callers
+that have nothing in it and are due in fair order runs in a second thread, and the running batch pauses at its
+next ``checkpoint()``: a CPU forward pass of a bulk batch takes seconds, and the one-item caller would otherwise
+wait for all of it), cancellation of abandoned work, draining on shutdown, and per-batch statistics handed to a
+callback.
 
 Must not: know what a payload, a model, a route or a metric is (it is stdlib only and imports
 nothing from ``app``), or run ``process`` on the event loop. ``process`` runs only in the worker
@@ -115,8 +118,8 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _lower_other_threads(keep: int | None, nice: int) -> None:
-    """Run every thread of this process but ``keep`` (and the threads they start later) at ``nice``.
+def _lower_other_threads(keep: set[int | None], nice: int) -> None:
+    """Run every thread of this process but those in ``keep`` (and the threads they start later) at ``nice``.
 
     Why: on a CPU with as many cores as the model's compute threads, a forward pass is a series of
     parallel regions that wait for their slowest thread; whenever request handling (the event loop,
@@ -130,7 +133,7 @@ def _lower_other_threads(keep: int | None, nice: int) -> None:
         return
     for entry in os.listdir("/proc/self/task"):
         tid = int(entry)
-        if tid == keep:
+        if tid in keep:
             continue
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
@@ -151,7 +154,10 @@ class MicroBatcher(Generic[P, R]):
     """Collects items from many coroutines into token-budget batches and runs ``process`` on them in one thread.
 
     ``process(payloads)`` must return one result per payload, in order. It runs in the worker thread
-    only, one batch at a time, so a model that is not thread-safe needs no lock of its own.
+    only, one batch at a time, so a model that is not thread-safe needs no lock of its own — unless
+    ``overtake_tokens`` > 0: then a second thread may run ``process`` on a small batch while the worker's
+    batch is paused inside ``process`` at a ``checkpoint()`` (or, if ``process`` never calls it, beside it),
+    so ``process`` must then be safe to call from two threads at once.
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class MicroBatcher(Generic[P, R]):
         feeder_nice: int = 0,
         max_padding: float = 1.0,
         max_queue_per_caller: int | None = None,
+        overtake_tokens: int = 0,
     ) -> None:
         limits = {"max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size, "max_queue": max_queue}
         for field_name, value in limits.items():
@@ -178,6 +185,8 @@ class MicroBatcher(Generic[P, R]):
             raise ValueError(f"max_padding must be within 0..1, got {max_padding}")
         if not 0 <= feeder_nice <= 19:
             raise ValueError(f"feeder_nice must be within 0..19, got {feeder_nice}")
+        if overtake_tokens < 0:
+            raise ValueError(f"overtake_tokens must be >= 0, got {overtake_tokens}")
         if max_queue_per_caller is not None and not 1 <= max_queue_per_caller <= max_queue:
             raise ValueError(f"max_queue_per_caller must be within 1..max_queue={max_queue}, got {max_queue_per_caller}")
         #: The most items one caller may hold queued (and reserved); beyond it that caller alone is refused (or
@@ -192,6 +201,8 @@ class MicroBatcher(Generic[P, R]):
         self._on_batch = on_batch
         self.feeder_nice = feeder_nice
         self.max_padding = max_padding
+        #: The padded-token budget of an overtaking batch (0: no overtaking). See ``checkpoint``.
+        self.overtake_tokens = overtake_tokens
 
         self._cond = threading.Condition()
         # Waiting items by seq; dicts keep insertion order, so the first entry is the oldest.
@@ -211,6 +222,13 @@ class MicroBatcher(Generic[P, R]):
         self._held: dict[Hashable, int] = {}
         self._finish: dict[Hashable, float] = {}
         self._vtime = 0.0
+        # Overtaking: the callers of the worker's running batch (None while it is idle), whether an overtaking
+        # batch runs now, its thread, and the seconds the running batch spent paused (kept out of its stats).
+        self._running_callers: frozenset[Hashable] | None = None
+        self._running_vtime = 0.0  # the virtual time when the running batch started: the overtaking horizon's base
+        self._overtaking = False
+        self._overtaker: threading.Thread | None = None
+        self._paused_s = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -223,9 +241,13 @@ class MicroBatcher(Generic[P, R]):
                 raise BatcherClosed(f"batcher {self.name!r} was stopped and cannot be restarted")
             self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.name}", daemon=True)
             self._thread.start()
-            worker_id = self._thread.native_id
+            keep = {self._thread.native_id}
+            if self.overtake_tokens:
+                self._overtaker = threading.Thread(target=self._overtake_worker, name=f"batcher-{self.name}-overtake", daemon=True)
+                self._overtaker.start()
+                keep.add(self._overtaker.native_id)
         if self.feeder_nice:
-            _lower_other_threads(worker_id, self.feeder_nice)
+            _lower_other_threads(keep, self.feeder_nice)
 
     async def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Refuse new work; with ``drain`` finish what is queued, else fail it with ``BatcherClosed``.
@@ -243,6 +265,8 @@ class MicroBatcher(Generic[P, R]):
         if thread is None:
             return
         await asyncio.to_thread(thread.join, timeout_s)
+        if self._overtaker is not None:
+            await asyncio.to_thread(self._overtaker.join, timeout_s)
         if thread.is_alive():
             with self._cond:
                 self._fail_waiting(BatcherClosed(f"batcher {self.name!r} did not drain within {timeout_s} s"))
@@ -375,7 +399,7 @@ class MicroBatcher(Generic[P, R]):
             by_key[item.seq] = item
         self._finish[caller] = start
         self._held[caller] = self._held.get(caller, 0) + len(payloads)
-        self._cond.notify()
+        self._cond.notify_all()  # the worker, and the overtaking thread if there is one
 
     def _release(self, caller: Hashable, n: int) -> None:
         """``n`` items of ``caller`` left the queue (ran, withdrawn, or their reservation was used or given back)."""
@@ -454,23 +478,26 @@ class MicroBatcher(Generic[P, R]):
             _post(admission, _set_exception, exc)
         self._line.clear()
 
-    def _form(self, anchor: _Item) -> tuple[list[_Item], bool]:
+    def _form(self, anchor: _Item, among: Callable[[_Item], bool] | None = None, budget: int | None = None) -> tuple[list[_Item], bool]:
         """The batch around ``anchor``: same key, nearest in cost, within size, token budget and padding.
 
         Sorting by cost and growing a window around the anchor keeps short and long texts apart, so
         padding stays small; ``max_padding`` caps the share of the padded tokens that are padding
         (on a CPU a padded token costs as much as a real one, and batching gains less than that).
-        Returns the batch and whether it is full (no further item could join by size or budget).
+        Returns the batch and whether it is full (no further item could join by size or budget). ``among`` limits
+        the candidates (the anchor is one), ``budget`` replaces ``max_batch_tokens`` (both: for an overtaking batch).
         """
+        budget = self.max_batch_tokens if budget is None else budget
         # Ties in cost go to the earliest in fair order (with one caller, the oldest): fillers are who is due next.
-        items = sorted(self._by_key[anchor.key].values(), key=lambda it: (it.cost, it.tag, it.seq))
+        items = sorted((it for it in self._by_key[anchor.key].values() if among is None or it is anchor or among(it)),
+                       key=lambda it: (it.cost, it.tag, it.seq))
         at = next(i for i, it in enumerate(items) if it is anchor)
         lo = hi = at
         real = anchor.cost
 
         def fits(width: int, size: int, real_tokens: int) -> bool:
             padded = width * size
-            return padded <= self.max_batch_tokens and padded - real_tokens <= self.max_padding * padded
+            return padded <= budget and padded - real_tokens <= self.max_padding * padded
 
         while hi - lo + 1 < self.max_batch_size:
             grown = hi - lo + 2
@@ -487,7 +514,7 @@ class MicroBatcher(Generic[P, R]):
                 hi += 1
                 real += right.cost
         size = hi - lo + 1
-        full = size >= self.max_batch_size or items[hi].cost * (size + 1) > self.max_batch_tokens
+        full = size >= self.max_batch_size or items[hi].cost * (size + 1) > budget
         return items[lo : hi + 1], full
 
     def _next_batch(self) -> list[_Item] | None:
@@ -529,6 +556,63 @@ class MicroBatcher(Generic[P, R]):
                 return batch
         return None
 
+    def _overtake_batch(self) -> list[_Item] | None:
+        """A batch that may run beside the worker's (caller holds the lock): items of callers with nothing in the
+        running batch whose fair-queuing tags are due (within ``overtake_tokens`` of the virtual time), at most
+        ``overtake_tokens`` padded tokens, around the one due first. None if there is none.
+
+        The tag bound keeps it fair: an idle caller's item starts at the virtual time, so a one-item caller is due;
+        a caller that queued many items has tags far ahead and waits its turn in the worker's order."""
+        running = self._running_callers
+        if running is None or self._overtaking:
+            return None
+        # From the running batch's start, not the virtual time now: overtaking batches advance the virtual time, and a
+        # horizon that moved with them would let one caller's chain of small items overtake again and again.
+        horizon = self._running_vtime + self.overtake_tokens
+
+        def due(item: _Item) -> bool:
+            return item.caller not in running and item.tag <= horizon and item.cost <= self.overtake_tokens
+
+        candidates = [item for item in self._waiting.values() if due(item)]
+        if not candidates:
+            return None
+        anchor = min(candidates, key=lambda it: (it.tag, it.seq))
+        batch, _ = self._form(anchor, among=due, budget=self.overtake_tokens)
+        return batch
+
+    def _overtake_worker(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed and not self._waiting:
+                        return
+                    batch = self._overtake_batch()
+                    if batch is not None:
+                        break
+                    self._cond.wait()
+                self._vtime = max(self._vtime, min(item.tag for item in batch))
+                for item in batch:
+                    self._remove(item)
+                self._admit_locked()
+                self._overtaking = True
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._overtaking = False
+                    self._cond.notify_all()
+
+    def checkpoint(self) -> None:
+        """A safe point inside ``process`` (e.g. between a model's layers): in the worker thread, wait here while an
+        overtaking batch runs. Elsewhere, and without overtaking, it returns at once (a cheap check)."""
+        if not self._overtaking or threading.current_thread() is not self._thread:
+            return
+        began = time.perf_counter()
+        with self._cond:
+            while self._overtaking:
+                self._cond.wait()
+        self._paused_s += time.perf_counter() - began
+
     # ---- the worker thread -----------------------------------------------------------------------
 
     def _worker(self) -> None:
@@ -536,20 +620,32 @@ class MicroBatcher(Generic[P, R]):
             while True:
                 with self._cond:
                     batch = self._next_batch()
+                    if batch is not None:
+                        self._running_callers = frozenset(item.caller for item in batch)
+                        self._running_vtime = self._vtime
+                    self._cond.notify_all()  # an overtaking thread waits for a running batch (or for the end)
                 if batch is None:
                     return
-                self._run(batch)
+                try:
+                    self._run(batch)
+                finally:
+                    with self._cond:
+                        self._running_callers = None
         finally:
             # Normally a no-op (stop drained the queue); after an unexpected death it unblocks every waiter.
             with self._cond:
                 self._closed = True
                 self._fail_waiting(BatcherClosed(f"batcher {self.name!r}: worker thread ended"))
+                self._cond.notify_all()
 
     def _run(self, batch: list[_Item]) -> None:
         """Run one batch and deliver its results; an error fails this batch's callers only."""
         error: Exception | None = None
         results: list[R] = []
         start = time.perf_counter()
+        main = threading.current_thread() is self._thread
+        if main:
+            self._paused_s = 0.0
         try:
             results = list(self._process([item.payload for item in batch]))
             if len(results) != len(batch):
@@ -557,7 +653,7 @@ class MicroBatcher(Generic[P, R]):
         except Exception as exc:
             error = exc
             log.error("batcher %r: a batch of %d items failed", self.name, len(batch), exc_info=exc)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - (self._paused_s if main else 0.0)
         with self._cond:
             if error is None:
                 for item, result in zip(batch, results):

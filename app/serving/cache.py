@@ -9,6 +9,10 @@ Two tiers: an in-process LRU with a TTL, bounded in bytes (``SAFT_CACHE_MAX_BYTE
 fleet, Redis shared by every replica (entries expire after ``SAFT_CACHE_TTL_S``; Redis bounds its
 memory with ``maxmemory`` + ``volatile-lru``, which evicts only keys with a TTL — cache entries,
 never the registry). A Redis failure is a miss, never an error.
+
+Owns: ``CachedEmbedding`` (its bytes) and ``EmbeddingCache`` (both tiers, the local byte bound). Must not: compute
+keys, embed or score (``app.serving.embeddings`` keys entries by ``app.core.embedding.cache_key``), cache scores, or
+fail a request on a Redis error; it imports nothing from ``app``.
 """
 
 from __future__ import annotations

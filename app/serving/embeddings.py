@@ -2,7 +2,8 @@
 
 Owns: formatting and cache keys, the two cache tiers' lookups and writes, in-flight sharing between concurrent
 requests (an input another request is embedding is awaited, not run twice), the cheap 429 before tokenizing, and
-handing the rest to the micro-batcher. Must not: know HTTP, subspaces or verdicts (``ScoringService.score`` does).
+handing the rest to the micro-batcher, which it builds from the settings with its forward pass (the worker thread's only
+model code) and its per-batch metrics. Must not: know HTTP, subspaces or verdicts (``ScoringService.score`` does).
 """
 
 from __future__ import annotations
@@ -14,21 +15,39 @@ from collections.abc import Sequence
 import numpy as np
 
 from app import metrics
+from app.config import Settings
 from app.core.embedding import Embedder, EmbeddingConfig, Encoded, cache_key
 from app.core.items import Item
-from app.serving.batching import MicroBatcher, QueueFull
+from app.serving.batching import BatchStats, MicroBatcher, QueueFull
 from app.serving.cache import CachedEmbedding, EmbeddingCache
+
+Batcher = MicroBatcher[tuple[Encoded, EmbeddingConfig], np.ndarray]
 
 
 class SharedEmbeddings:
     """The service's embed path (see the module docstring); the batcher runs the forward passes."""
 
-    def __init__(self, embedder: Embedder, cache: EmbeddingCache,
-                 batcher: MicroBatcher[tuple[Encoded, EmbeddingConfig], np.ndarray]) -> None:
+    def __init__(self, embedder: Embedder, cache: EmbeddingCache, settings: Settings) -> None:
         self.embedder = embedder
         self.cache = cache
-        self.batcher = batcher
+        self.batcher: Batcher = MicroBatcher(
+            self._forward,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_queue=settings.max_queue,
+            on_batch=_export_batch,
+            feeder_nice=settings.feeder_nice,
+            max_padding=settings.max_batch_padding,
+            max_queue_per_caller=settings.client_queue_share,
+            overtake_tokens=settings.overtake_tokens if settings.fair_queuing else 0,
+        )
         self.inflight: dict[str, asyncio.Future[CachedEmbedding | None]] = {}  # cache key → its embedding in progress
+
+    def _forward(self, batch: Sequence[tuple[Encoded, EmbeddingConfig]]) -> list[np.ndarray]:
+        """Runs in the batcher's worker thread: one forward pass for one embedding config (the batch key)."""
+        config = batch[0][1]
+        return list(self.embedder.forward([enc for enc, _ in batch], config, checkpoint=self.batcher.checkpoint))
 
     def _format_and_key(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[str], list[int | None], list[str]]:
         texts, response_chars = self.embedder.format_items(items, config)
@@ -113,3 +132,15 @@ class SharedEmbeddings:
         fresh = {keys[i]: CachedEmbedding(row, e.n_tokens, e.truncated) for i, e, row in zip(todo, encoded, rows, strict=True)}
         await self.cache.put_many(fresh)
         return fresh
+
+
+def _export_batch(stats: BatchStats) -> None:
+    """The batcher's per-batch statistics as metrics (size, tokens, the padding share, seconds, queue depth)."""
+    metrics.BATCH_SIZE.observe(stats.size)
+    metrics.BATCH_TOKENS.observe(stats.padded_tokens)
+    if stats.padded_tokens:
+        metrics.BATCH_PADDING.observe(1 - stats.real_tokens / stats.padded_tokens)
+    metrics.PADDING_TOKENS.inc(stats.padded_tokens - stats.real_tokens)
+    metrics.REAL_TOKENS.inc(stats.real_tokens)
+    metrics.INFERENCE_SECONDS.observe(stats.seconds)
+    metrics.QUEUE_DEPTH.set(stats.queue_depth)

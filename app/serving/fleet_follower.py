@@ -1,61 +1,66 @@
 """A replica following its fleet: Redis connectivity, reconciliation on (re)connection, and the active version.
 
-Owns: the online/degraded state (``ScoringService.fleet_online``, the cache's Redis tier, the metric), flushing job
+Owns: the online/degraded state (``SubspaceVersions.fleet_online``, the cache's Redis tier, the metric), flushing job
 states written during an outage, seeding versions Redis lacks, and adopting the fleet's active version from pub/sub
-events or, as the fallback, a periodic pointer check. Must not: know HTTP; it adopts versions through the service.
+events or, as the fallback, a periodic pointer check. Must not: know HTTP, the model or the facade; it adopts versions
+through ``SubspaceVersions``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app import metrics
 from app.core.manifest import ArtifactError
+from app.serving.cache import EmbeddingCache
+from app.serving.refit_jobs import RefitJobs
+from app.serving.versions import SubspaceVersions
 from app.store.fleet import Fleet, FleetUnavailable, VersionConflict
-
-if TYPE_CHECKING:
-    from app.serving.service import ScoringService
 
 log = logging.getLogger(__name__)
 
 
 class FleetFollower:
-    """Keeps one service in step with its fleet (see the module docstring)."""
+    """Keeps one replica in step with its fleet (see the module docstring)."""
 
-    def __init__(self, service: ScoringService, fleet: Fleet) -> None:
-        self.service = service
+    def __init__(self, versions: SubspaceVersions, fleet: Fleet, cache: EmbeddingCache, refits: RefitJobs,
+                 poll_s: float) -> None:
+        self.versions = versions
         self.fleet = fleet
+        self.cache = cache
+        self.refits = refits
+        self.poll_s = poll_s
 
     def set_online(self, online: bool) -> None:
-        if online != self.service.fleet_online:
+        if online != self.versions.fleet_online:
             log.log(logging.INFO if online else logging.WARNING, "Redis %s", "connected" if online else "unreachable: degraded")
-        self.service.fleet_online = online
-        self.service.cache.redis_online = online
+        self.versions.fleet_online = online
+        self.cache.redis_online = online
         metrics.FLEET_ONLINE.set(int(online))
 
     async def reconcile(self) -> None:
         """On (re)connection: flush job states written during an outage, publish local versions Redis
         lacks (a first start, or a Redis that lost its data), then follow the fleet's active version."""
-        for job_id, job in list(self.service.refits.pending.items()):
+        for job_id, job in list(self.refits.pending.items()):
             await self.fleet.put_job(job)
-            self.service.refits.pending.pop(job_id, None)
+            self.refits.pending.pop(job_id, None)
         published = set(await self.fleet.versions())
-        for version in await asyncio.to_thread(self.service.registry.versions):
+        for version in await asyncio.to_thread(self.versions.registry.versions):
             if version not in published:
                 try:
-                    await self.fleet.seed(version, await asyncio.to_thread(self.service.registry.files, version))
+                    await self.fleet.seed(version, await asyncio.to_thread(self.versions.registry.files, version))
                 except VersionConflict as err:
                     log.error("not publishing local version: %s", err)
         active = await self.fleet.active()
-        current = self.service.registry.current
+        current = self.versions.registry.current
         if active is None and current is not None:
             await self.fleet.seed_active(current.manifest.version)
             active = await self.fleet.active()
         if active is not None:
             try:
-                await self.service.adopt(active)
+                await self.versions.adopt(active)
             except ArtifactError as err:  # e.g. fitted on another model: keep serving what we have
                 log.error("cannot adopt the fleet's active version %s: %s", active, err)
 
@@ -64,7 +69,7 @@ class FleetFollower:
         backoff = 0.1
         while True:
             try:
-                if not self.service.fleet_online:
+                if not self.versions.fleet_online:
                     await self.fleet.ping()
                     await self.reconcile()
                     self.set_online(True)
@@ -80,7 +85,7 @@ class FleetFollower:
                 for task in done:
                     task.result()
             except FleetUnavailable as err:
-                if self.service.fleet_online:
+                if self.versions.fleet_online:
                     log.warning("%s", err)
                 self.set_online(False)
                 await asyncio.sleep(backoff)
@@ -93,19 +98,19 @@ class FleetFollower:
                 await asyncio.sleep(1.0)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
-        if event.get("name") == self.service.registry.name:
+        if event.get("name") == self.versions.registry.name:
             await self._follow_pointer()
 
     async def _poll_active(self) -> None:
         while True:
             await self._follow_pointer()
-            await asyncio.sleep(self.service.settings.redis_poll_s)
+            await asyncio.sleep(self.poll_s)
 
     async def _follow_pointer(self) -> None:
         active = await self.fleet.active()
-        current = self.service.registry.current
+        current = self.versions.registry.current
         if active is not None and (current is None or current.manifest.version != active):
             try:
-                await self.service.adopt(active)
+                await self.versions.adopt(active)
             except ArtifactError as err:
                 log.error("cannot adopt the fleet's active version %s: %s", active, err)

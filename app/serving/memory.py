@@ -6,19 +6,28 @@ stays at the high-water mark of every arena although the memory is free: RELIABI
 growth and what these controls do to it. ``mallinfo2`` says how much of the heap is in use and how much is free
 but held; ``malloc_trim(0)`` hands the free pages back; ``mallopt(M_ARENA_MAX)`` caps the arenas.
 
-Owns: reading those statistics and calling those two functions (a no-op where the C library is not glibc).
+glibc's heap still grows where every request runs the model (RELIABILITY.md); jemalloc returns freed memory by itself,
+so ``saft serve`` prefers it where it is installed: ``preload_jemalloc`` says how to re-execute with it preloaded.
+
+Owns: reading those statistics and calling those two functions (a no-op where the C library is not glibc), and
+finding jemalloc (which allocator this process runs on, the library's path, the environment that preloads it).
 Must not: know the model, the batcher or HTTP; callers decide when to trim (the service: every
 ``SAFT_MALLOC_TRIM_INTERVAL_S``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import ctypes.util
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
+#: Where Debian's libjemalloc2 puts the library (x86_64, arm64), then the linker's search.
+_JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -51,17 +60,18 @@ class HeapStats:
 
 
 def heap_stats() -> HeapStats | None:
-    """glibc's ``mallinfo2`` summed over all arenas; None without glibc."""
-    if _LIBC is None:
+    """glibc's ``mallinfo2`` summed over all arenas; None without glibc's allocator (jemalloc preloaded: glibc's heap
+    is then unused and its statistics say nothing)."""
+    if _LIBC is None or allocator() == "jemalloc":
         return None
     info = _LIBC.mallinfo2()
     return HeapStats(in_use=int(info.uordblks), free=int(info.fordblks), mmapped=int(info.hblkhd))
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set (VmRSS), or None where /proc is not there."""
+def resident_bytes(pid: int | None = None) -> int | None:
+    """The resident set (VmRSS) of process ``pid`` (None: this one), or None where /proc or the process is not there."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -79,3 +89,47 @@ def limit_arenas(n: int) -> bool:
     if n <= 0 or _LIBC is None:
         return False
     return bool(_LIBC.mallopt(_M_ARENA_MAX, n))
+
+
+async def trim_every(interval_s: float, on_trim: Callable[[], None] = lambda: None) -> None:
+    """Every ``interval_s`` until cancelled, ``trim()`` in a worker thread (off the event loop), then ``on_trim()``."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(trim)
+        on_trim()
+
+
+@functools.cache
+def allocator() -> str:
+    """The C allocator this process runs on: "jemalloc" where that library is mapped (preloaded), else "glibc"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "glibc"
+    return "jemalloc" if "libjemalloc" in maps else "glibc"
+
+
+def jemalloc_path() -> str | None:
+    """The installed jemalloc library, or None."""
+    for path in _JEMALLOC_PATHS:
+        if Path(path).is_file():
+            return path
+    found = ctypes.util.find_library("jemalloc")
+    return found if found and Path(found).is_absolute() else None
+
+
+def preload_jemalloc(choice: str, env: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to re-execute this process with so that it runs on jemalloc, or None to go on as it is.
+
+    ``choice``: "glibc" (None), "jemalloc" (``RuntimeError`` if it is not installed), "auto" (jemalloc if installed).
+    None too when jemalloc is loaded already (the re-executed process, or an LD_PRELOAD set by the operator)."""
+    if choice == "glibc" or allocator() == "jemalloc":
+        return None
+    path = jemalloc_path()
+    if path is None:
+        if choice == "jemalloc":
+            raise RuntimeError("SAFT_ALLOCATOR=jemalloc, but no jemalloc library is installed (Debian: apt-get install "
+                               f"libjemalloc2; looked in {', '.join(_JEMALLOC_PATHS)} and the linker's path)")
+        return None
+    preload = env.get("LD_PRELOAD", "")
+    return {**env, "LD_PRELOAD": f"{path} {preload}".strip()}

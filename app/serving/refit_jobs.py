@@ -2,8 +2,8 @@
 shares the inference worker with live traffic, their states kept here and, in a fleet, in Redis.
 
 Owns: ``JobStore`` (this replica's job states), ``RefitJobs`` (start, run, lease renewal, publication, the states
-written during a Redis outage until the follower flushes them). Must not: know HTTP; it reaches the model, the
-registry and the fleet through the ``ScoringService`` it belongs to.
+written during a Redis outage until the follower flushes them). Must not: know HTTP or the facade; it is given
+what it uses (the versions, the embedder for tokenizing, an embed function that shares the worker, the settings).
 """
 
 from __future__ import annotations
@@ -13,23 +13,24 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from app import metrics
+from app.config import Settings
 from app.core.anchoring import Activation, GuardBounds, decide_activation
-from app.core.embedding import EmbeddingConfig, Encoded
+from app.core.embedding import Embedder, EmbeddingConfig, Encoded
 from app.core.items import Item
 from app.core.pipeline import FitOptions, file_digest, fit_lines, read_lines
 from app.serving.batching import QueueFull
 from app.serving.errors import RefitInProgress, RegistryUnavailable
+from app.serving.versions import SubspaceVersions
 from app.store.fleet import FleetUnavailable, RefitLease, RefitLocked
 
-if TYPE_CHECKING:
-    from app.serving.service import ScoringService
+EmbedFn = Callable[[Sequence[Item], EmbeddingConfig], Awaitable[tuple[list[Encoded], np.ndarray]]]
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,22 @@ class JobStore:
 class RefitJobs:
     """The refit jobs of one service (see the module docstring)."""
 
-    def __init__(self, service: ScoringService) -> None:
-        self.service = service
+    def __init__(self, versions: SubspaceVersions, embedder: Embedder, embed: EmbedFn, settings: Settings) -> None:
+        self.versions = versions
+        self.registry = versions.registry
+        self.embedder = embedder
+        self.embed = embed  # on the loop: through the cache and the batcher, like live traffic
+        self.settings = settings
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop jobs were started on, for their threads
         self.jobs = JobStore()
         self.pending: dict[str, dict[str, Any]] = {}  # job states not yet in Redis (written during an outage)
         self._lock = threading.Lock()
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's state as the fleet sees it (any replica's job), else this replica's."""
-        if self.service.fleet is not None and self.service.fleet_online:
+        if self.versions.fleet is not None and self.versions.fleet_online:
             try:
-                found = await self.service.fleet.get_job(job_id)
+                found = await self.versions.fleet.get_job(job_id)
                 if found is not None:
                     return found
             except FleetUnavailable:
@@ -85,13 +91,14 @@ class RefitJobs:
 
     async def start(self, upload: Path, options: FitOptions, activate: Activation = "auto", strict: bool = False) -> dict[str, Any]:
         """Start a refit job in a thread; 409 (RefitInProgress) while another one runs here or in the fleet."""
+        self.loop = asyncio.get_running_loop()
         if not self._lock.acquire(blocking=False):
             upload.unlink(missing_ok=True)
-            raise RefitInProgress(f"a refit of subspace {self.service.registry.name!r} is already running")
-        job = self.jobs.create(self.service.registry.name, {**_options_dict(options), "activate": activate, "strict": strict})
+            raise RefitInProgress(f"a refit of subspace {self.registry.name!r} is already running")
+        job = self.jobs.create(self.registry.name, {**_options_dict(options), "activate": activate, "strict": strict})
         try:
             lease = None
-            fleet = self.service.require_fleet()
+            fleet = self.versions.require_fleet()
             if fleet is not None:
                 try:
                     lease = await fleet.acquire(job["job_id"])
@@ -99,7 +106,7 @@ class RefitJobs:
                     raise RefitInProgress(str(err)) from None
                 except FleetUnavailable as err:
                     raise RegistryUnavailable(str(err)) from None
-                self.jobs.update(job["job_id"], replica=self.service.settings.replica_id, lease=lease.value)
+                self.jobs.update(job["job_id"], replica=self.settings.replica_id, lease=lease.value)
                 updated = self.jobs.get(job["job_id"])
                 assert updated is not None  # created above; only the except below deletes it
                 job = updated
@@ -119,13 +126,13 @@ class RefitJobs:
 
     async def _keep_lease(self, lease: RefitLease, stop: threading.Event) -> None:
         """Renew the fleet lock while the job runs; through an outage it keeps trying (publication is fenced)."""
-        assert self.service.fleet is not None
+        assert self.versions.fleet is not None
         while not stop.is_set():
-            await asyncio.sleep(self.service.settings.refit_lock_ttl_s / 3)
+            await asyncio.sleep(self.settings.refit_lock_ttl_s / 3)
             if stop.is_set():
                 break
             try:
-                if not await self.service.fleet.renew(lease):
+                if not await self.versions.fleet.renew(lease):
                     log.warning("refit %s: lock lapsed; publication will check the fence", lease.job_id)
             except FleetUnavailable:
                 pass
@@ -133,29 +140,29 @@ class RefitJobs:
     async def _push_job(self, job_id: str) -> None:
         """Write a job's state to Redis; during an outage keep it for the reconnection."""
         job = self.jobs.get(job_id)
-        if self.service.fleet is None or job is None:
+        if self.versions.fleet is None or job is None:
             return
         try:
-            await self.service.fleet.put_job(job)
+            await self.versions.fleet.put_job(job)
             self.pending.pop(job_id, None)
         except FleetUnavailable:
             self.pending[job_id] = job
 
     def _on_loop(self, coro: Any) -> Any:
         """Run a coroutine on the service's loop from a worker thread and wait for it."""
-        assert self.service.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.service.loop).result()
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def _update_job(self, job_id: str, **fields: Any) -> None:
         self.jobs.update(job_id, **fields)
-        if self.service.fleet is not None:
+        if self.versions.fleet is not None:
             self._on_loop(self._push_job(job_id))
 
     def _embed_from_thread(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[Encoded], np.ndarray]:
         """The refit's embed function: shares the inference worker with live traffic, backing off on 429."""
         while True:
             try:
-                return self._on_loop(self.service.embed(items, config))
+                return self._on_loop(self.embed(items, config))
             except QueueFull as err:
                 time.sleep(min(err.retry_after_s, 1.0))
 
@@ -178,42 +185,41 @@ class RefitJobs:
             nonlocal done, last_push
             done += n
             self.jobs.update(job_id, progress={"lines": done})
-            if self.service.fleet is not None and time.monotonic() - last_push > 1.0:  # progress to Redis at most 1/s
+            if self.versions.fleet is not None and time.monotonic() - last_push > 1.0:  # progress to Redis at most 1/s
                 last_push = time.monotonic()
                 self._on_loop(self._push_job(job_id))
 
         try:
-            current = self.service.registry.current
+            current = self.registry.current
             prior = None if current is None else (current.subspace, current.manifest)
             with upload.open("rb") as fh:
-                result = fit_lines(self.service.embedder, read_lines(fh), options, name=self.service.registry.name,
+                result = fit_lines(self.embedder, read_lines(fh), options, name=self.registry.name,
                                    calibration_digest=file_digest(upload), calibration_path="upload",
                                    progress=progress, embed=self._embed_from_thread, strict=strict, prior=prior)
             refit = result.manifest.refit or {}
             activate, held = decide_activation(
                 activation, refit.get("comparison"), has_active=prior is not None, labelled=result.labels is not None
-                or bool(refit.get("upload", {}).get("labelled")), bounds=GuardBounds(**self.service.settings.guard_bounds()))
+                or bool(refit.get("upload", {}).get("labelled")), bounds=GuardBounds(**self.settings.guard_bounds()))
             if refit:
                 refit["activation"] = {"requested": activation, "activated": activate, "held": held}
             if lease is None:
-                saved = self.service.registry.publish(result.subspace, result.manifest, activate=activate)
+                saved = self.registry.publish(result.subspace, result.manifest, activate=activate)
             else:
-                fleet = self.service.fleet
+                fleet = self.versions.fleet
                 assert fleet is not None
                 # Redis first, then disks: a version exists on a disk only once the fleet has it, so a
                 # crash or a lost lock can never leave a local version that other replicas lack.
-                version = self._until_published(lambda: fleet.next_version(self.service.registry.versions()))
-                files = self.service.registry.render(result.subspace, result.manifest, version)
+                version = self._until_published(lambda: fleet.next_version(self.registry.versions()))
+                files = self.registry.render(result.subspace, result.manifest, version)
                 self._until_published(lambda: fleet.publish(lease, version, files, activate=activate))
-                self.service.registry.install(version, files)
+                self.registry.install(version, files)
                 saved = result.manifest
                 if activate:
-                    self._on_loop(self.service.adopt(saved.version))
+                    self._on_loop(self.versions.adopt(saved.version))
             if activate and lease is None:
-                current = self.service.registry.current
+                current = self.registry.current
                 assert current is not None  # publish(activate=True) above made the new version current
-                self.service.record_version(current)
-                self.service.ready = True
+                self.versions.record(current)
             self._update_job(job_id, status="succeeded", version=saved.version, activated=activate, held=held or None,
                              refit=saved.refit, quality=saved.quality.get("calibration"), rejected=saved.calibration["rejected"],
                              finished_at=time.time())
@@ -227,13 +233,14 @@ class RefitJobs:
             stop.set()
             upload.unlink(missing_ok=True)
             if lease is not None:
-                fleet = self.service.fleet
+                fleet = self.versions.fleet
                 assert fleet is not None
                 try:
                     self._on_loop(fleet.release(lease))
                 except FleetUnavailable:
                     pass  # it expires by itself
             self._lock.release()
+
 
 def _options_dict(options: FitOptions) -> dict[str, Any]:
     return {"embedding": options.embedding.as_dict(), "method": options.method, "k": options.k, "center": options.center,

@@ -3,6 +3,11 @@
 A version is written once, atomically (temp dir + rename), and never changed; ``models/<name>/ACTIVE``
 names the active version (replaced atomically). Names and versions are validated so no path
 outside ``models/`` is ever touched. Loading checks the manifest against the loaded model.
+
+Owns: the on-disk layout, name and version validation, atomic saves and installs, the ACTIVE pointer, loading and
+``check_compatible``, scratch files named by host and pid and their cleanup. Must not: know HTTP, Redis or the
+serving layer, change a version once written, or touch anything outside ``models/`` but its own scratch files
+(refit uploads in the temp dir).
 """
 
 from __future__ import annotations

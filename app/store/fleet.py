@@ -2,7 +2,8 @@
 
 Owns the Redis key layout and every Redis call of the registry and the refit jobs; knows bytes and
 JSON, not subspaces or HTTP. All keys of one subspace name share a hash tag (``{name}``) so the Lua
-scripts stay valid on a Redis Cluster.
+scripts stay valid on a Redis Cluster. Must not: know subspaces, manifests, HTTP or the serving layer (it imports
+nothing from ``app``), or decide what to publish or activate (its callers in the service do).
 
 Guarantees:
 - a version is published all at once (one Lua script: both files, the version set, the pointer and

@@ -2,6 +2,10 @@
 
 Fitted state is immutable: a request takes one ``ActiveSubspace`` snapshot and is scored entirely
 by it, while a refit or rollback swaps the reference for later requests.
+
+Owns: ``ActiveSubspace`` and ``SubspaceRegistry``: the local versions of one name (loading the active one, checked
+against the model), thread-safe swaps, publication to disk and installing what another replica published. Must not:
+know HTTP, the serving layer or Redis (``app.store.fleet``; the service ties the two), or change a published version.
 """
 
 from __future__ import annotations
