@@ -710,3 +710,21 @@ def test_one_caller_overtakes_at_most_its_fair_share_of_one_running_batch() -> N
         await batcher.stop()
 
     run(main())
+
+
+def test_many_callers_together_overtake_one_running_batch_for_a_bounded_share_only() -> None:
+    """30 callers with one item each arrive while A's pass runs: each is due, but together they may hold A's batch
+    paused for at most 4 x overtake_tokens padded tokens (here 4 x 20 = 80: eight items of 10); the rest wait."""
+
+    async def main() -> None:
+        batcher, model = layered(overtake_tokens=20, max_batch_size=1)
+        bulk = asyncio.create_task(batcher.submit([("bulk", 60)], [500], caller="A"))
+        await wait_until(lambda: len(model.steps) >= 3)
+        ones = [asyncio.create_task(batcher.submit([(f"c{i}", 1)], [10], caller=f"C{i}")) for i in range(30)]
+        await bulk
+        before = [name for name, t in model.done.items() if name.startswith("c") and t < model.done["bulk"]]
+        assert 1 <= len(before) <= 8, before
+        assert len(await asyncio.gather(*ones)) == 30
+        await batcher.stop()
+
+    run(main())

@@ -52,9 +52,15 @@ def test_the_allocator_choice_preloads_jemalloc_only_where_asked_and_installed(t
         memory.preload_jemalloc("jemalloc", {})
     # Installed: auto and jemalloc preload it (before any preload the operator set), glibc does not.
     library.write_bytes(b"")
-    assert memory.preload_jemalloc("auto", {"A": "1"}) == {"A": "1", "LD_PRELOAD": str(library)}
-    assert memory.preload_jemalloc("jemalloc", {"LD_PRELOAD": "/x.so"}) == {"LD_PRELOAD": f"{library} /x.so"}
+    mark = memory.REEXEC_MARK
+    assert memory.preload_jemalloc("auto", {"A": "1"}) == {"A": "1", "LD_PRELOAD": str(library), mark: "1"}
+    assert memory.preload_jemalloc("jemalloc", {"LD_PRELOAD": "/x.so"}) == {"LD_PRELOAD": f"{library} /x.so", mark: "1"}
+    assert memory.preload_jemalloc("auto", {"LD_PRELOAD": "/x.so"}) is None  # the operator's own preload stays alone
     assert memory.preload_jemalloc("glibc", {}) is None
+    # Re-executed, yet not on jemalloc (the linker ignored the library): never again; an explicit choice says so.
+    assert memory.preload_jemalloc("auto", {mark: "1", "LD_PRELOAD": str(library)}) is None
+    with pytest.raises(RuntimeError, match="was preloaded but jemalloc is not this process's allocator"):
+        memory.preload_jemalloc("jemalloc", {mark: "1", "LD_PRELOAD": str(library)})
     # Already running on it (the re-executed server): nothing more to do.
     monkeypatch.setattr(memory, "allocator", lambda: "jemalloc")
     assert memory.preload_jemalloc("jemalloc", {}) is None
@@ -63,7 +69,7 @@ def test_the_allocator_choice_preloads_jemalloc_only_where_asked_and_installed(t
 def test_saft_serve_runs_on_jemalloc_or_says_why_not() -> None:
     """On this machine, for real: with jemalloc installed, a process started with ``preload_jemalloc``'s environment
     runs on it (and glibc's statistics are not reported for it); without it, ``saft serve`` asked for jemalloc exits
-    with an error that names the setting, before loading anything."""
+    with an error that names the setting, before it serves."""
     from app.serving.memory import jemalloc_path, preload_jemalloc
 
     if jemalloc_path() is not None:

@@ -359,7 +359,6 @@ class Embedder:
     def dim(self, config: EmbeddingConfig) -> int:
         return self.hidden_size * len(config.layers)
 
-    @torch.inference_mode()
     def _install_block_hooks(self) -> None:
         """Hooks on every block, once: they act only for the pass of their own thread (``self._pass.current``), so
         two passes may run at once (an overtaking batch while another is paused at its checkpoint)."""
@@ -386,6 +385,7 @@ class Embedder:
         for block_index, block in enumerate(self._blocks):
             block.register_forward_hook(functools.partial(after, block_index + 1))
 
+    @torch.inference_mode()
     def hidden_states(self, batch: Sequence[Encoded], layers: Sequence[int],
                       checkpoint: Callable[[], None] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hidden states of absolute ``layers`` for one right-padded batch, and its attention mask.

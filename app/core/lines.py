@@ -121,19 +121,19 @@ class LineSplitter:
         self._buffer = bytearray()
         self._number = 0
         self._skipping = False  # inside an oversize line: drop bytes until its newline
-        self._at_start = True
 
     def _too_long(self) -> Record:
         return Record(self._number, None, f"line: longer than the limit of {self.max_line_bytes} bytes")
 
     def _line(self, raw: bytes) -> Iterator[Record]:
         self._number += 1
+        if self.max_line_bytes is not None and len(raw) > self.max_line_bytes:  # as stored, like the check in ``feed``
+            yield self._too_long()
+            return
         if self._number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         raw = raw.removesuffix(b"\r")
-        if self.max_line_bytes is not None and len(raw) > self.max_line_bytes:
-            yield self._too_long()
-        elif raw.strip():
+        if raw.strip():
             yield Record(self._number, raw, None)
 
     def feed(self, data: bytes | str) -> Iterator[Record]:

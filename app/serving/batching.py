@@ -44,6 +44,8 @@ _MIN_RETRY_AFTER_S = 1.0
 _MAX_RETRY_AFTER_S = 60.0
 #: Weight of the newest batch in the throughput estimate (an exponential moving average).
 _RATE_ALPHA = 0.2
+#: Overtaking batches may hold one running batch paused for at most this many times ``overtake_tokens`` padded tokens.
+_OVERTAKE_SHARE = 4
 
 
 class QueueFull(Exception):
@@ -226,6 +228,7 @@ class MicroBatcher(Generic[P, R]):
         # batch runs now, its thread, and the seconds the running batch spent paused (kept out of its stats).
         self._running_callers: frozenset[Hashable] | None = None
         self._running_vtime = 0.0  # the virtual time when the running batch started: the overtaking horizon's base
+        self._overtaken = 0  # padded tokens that overtook the running batch (at most _OVERTAKE_SHARE × overtake_tokens)
         self._overtaking = False
         self._overtaker: threading.Thread | None = None
         self._paused_s = 0.0
@@ -264,13 +267,15 @@ class MicroBatcher(Generic[P, R]):
         thread = self._thread
         if thread is None:
             return
+        deadline = time.monotonic() + timeout_s
         await asyncio.to_thread(thread.join, timeout_s)
-        if self._overtaker is not None:
-            await asyncio.to_thread(self._overtaker.join, timeout_s)
         if thread.is_alive():
             with self._cond:
                 self._fail_waiting(BatcherClosed(f"batcher {self.name!r} did not drain within {timeout_s} s"))
                 self._cond.notify_all()
+        if self._overtaker is not None:  # one deadline for both threads
+            await asyncio.to_thread(self._overtaker.join, max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
             raise TimeoutError(f"batcher {self.name!r}: worker still busy after stop timeout_s={timeout_s}")
 
     def shed_waiting(self, reason: str) -> int:
@@ -564,8 +569,8 @@ class MicroBatcher(Generic[P, R]):
         The tag bound keeps it fair: an idle caller's item starts at the virtual time, so a one-item caller is due;
         a caller that queued many items has tags far ahead and waits its turn in the worker's order."""
         running = self._running_callers
-        if running is None or self._overtaking:
-            return None
+        if running is None or self._overtaking or self._overtaken >= _OVERTAKE_SHARE * self.overtake_tokens:
+            return None  # many callers, each due, must not hold the running batch paused without end
         # From the running batch's start, not the virtual time now: overtaking batches advance the virtual time, and a
         # horizon that moved with them would let one caller's chain of small items overtake again and again.
         horizon = self._running_vtime + self.overtake_tokens
@@ -595,6 +600,7 @@ class MicroBatcher(Generic[P, R]):
                     self._remove(item)
                 self._admit_locked()
                 self._overtaking = True
+                self._overtaken += max(item.cost for item in batch) * len(batch)
             try:
                 self._run(batch)
             finally:
@@ -623,6 +629,7 @@ class MicroBatcher(Generic[P, R]):
                     if batch is not None:
                         self._running_callers = frozenset(item.caller for item in batch)
                         self._running_vtime = self._vtime
+                        self._overtaken = 0
                     self._cond.notify_all()  # an overtaking thread waits for a running batch (or for the end)
                 if batch is None:
                     return
@@ -672,8 +679,9 @@ class MicroBatcher(Generic[P, R]):
                         call.done = True
                         _post(call, _set_exception, error)
                         self._withdraw(call)  # its other items would only be computed and thrown away
-            rate = len(batch) / max(seconds, 1e-6)
-            self._items_per_s = rate if self._items_per_s is None else (1 - _RATE_ALPHA) * self._items_per_s + _RATE_ALPHA * rate
+            if main:  # the worker's batches only: an overtaking batch is small and runs beside it (not a rate of its own)
+                rate = len(batch) / max(seconds, 1e-6)
+                self._items_per_s = rate if self._items_per_s is None else (1 - _RATE_ALPHA) * self._items_per_s + _RATE_ALPHA * rate
             depth = len(self._waiting)
         if self._on_batch is not None:
             stats = BatchStats(

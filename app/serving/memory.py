@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import functools
 import ctypes.util
+import functools
+import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
 #: Where Debian's libjemalloc2 puts the library (x86_64, arm64), then the linker's search.
@@ -118,13 +122,26 @@ def jemalloc_path() -> str | None:
     return found if found and Path(found).is_absolute() else None
 
 
+#: Set in the environment of the re-executed process: it never re-executes again, whatever it finds.
+REEXEC_MARK = "SAFT_ALLOCATOR_REEXEC"
+
+
 def preload_jemalloc(choice: str, env: Mapping[str, str]) -> dict[str, str] | None:
     """The environment to re-execute this process with so that it runs on jemalloc, or None to go on as it is.
 
-    ``choice``: "glibc" (None), "jemalloc" (``RuntimeError`` if it is not installed), "auto" (jemalloc if installed).
-    None too when jemalloc is loaded already (the re-executed process, or an LD_PRELOAD set by the operator)."""
+    ``choice``: "glibc" (None), "jemalloc" (``RuntimeError`` if it is not installed or did not load), "auto" (jemalloc
+    if installed, on Linux, and the operator preloads nothing else). None too when jemalloc is loaded already. The
+    re-executed process carries ``REEXEC_MARK``, so a library that failed to preload is reported, never retried."""
     if choice == "glibc" or allocator() == "jemalloc":
         return None
+    if env.get(REEXEC_MARK):
+        if choice == "jemalloc":
+            raise RuntimeError(f"SAFT_ALLOCATOR=jemalloc: {env.get('LD_PRELOAD')!r} was preloaded but jemalloc is not "
+                               "this process's allocator (the dynamic linker ignored it; see its message above)")
+        log.warning("jemalloc was preloaded (%s) but did not load; running on glibc", env.get("LD_PRELOAD"))
+        return None
+    if not sys.platform.startswith("linux") or (choice == "auto" and env.get("LD_PRELOAD")):
+        return None  # LD_PRELOAD is Linux's; an operator's own preload (tcmalloc, mimalloc) is theirs to keep
     path = jemalloc_path()
     if path is None:
         if choice == "jemalloc":
@@ -132,4 +149,4 @@ def preload_jemalloc(choice: str, env: Mapping[str, str]) -> dict[str, str] | No
                                f"libjemalloc2; looked in {', '.join(_JEMALLOC_PATHS)} and the linker's path)")
         return None
     preload = env.get("LD_PRELOAD", "")
-    return {**env, "LD_PRELOAD": f"{path} {preload}".strip()}
+    return {**env, "LD_PRELOAD": f"{path} {preload}".strip(), REEXEC_MARK: "1"}

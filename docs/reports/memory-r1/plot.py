@@ -16,11 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RUNS = [("soak-5min-untrimmed.json", "5 min, before: no trim, glibc's arenas"),
         ("soak-30min.json", "30 min, after (trim every 10 s, 2 arenas)"),
-        ("soak-30min-cache-off.json", "30 min, after, cache off (every item runs the model)")]
+        ("soak-30min-cache-off.json", "30 min, after, cache off (every item runs the model)"),
+        ("soak-30min-cache-off-jemalloc.json", "30 min, cache off, jemalloc (glibc's heap gauges unused: 0)")]
 
 
 def main() -> None:
-    fig, axes = plt.subplots(1, len(RUNS), figsize=(16, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(RUNS), figsize=(21, 4.5), sharey=True)
     for ax, (name, title) in zip(axes, RUNS, strict=True):
         report = json.loads((HERE / name).read_text())
         curve = report["curve"]
