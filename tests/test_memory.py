@@ -53,10 +53,8 @@ def test_the_allocator_choice_preloads_jemalloc_only_where_asked_and_installed(t
     # Installed: auto and jemalloc preload it (before any preload the operator set), glibc does not.
     library.write_bytes(b"")
     mark = memory.REEXEC_MARK
-    conf = {"MALLOC_CONF": memory.JEMALLOC_CONF}
-    assert memory.preload_jemalloc("auto", {"A": "1"}) == {**conf, "A": "1", "LD_PRELOAD": str(library), mark: "1"}
-    assert memory.preload_jemalloc("jemalloc", {"LD_PRELOAD": "/x.so"}) == {**conf, "LD_PRELOAD": f"{library} /x.so", mark: "1"}
-    assert memory.preload_jemalloc("jemalloc", {"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the operator's
+    assert memory.preload_jemalloc("auto", {"A": "1"}) == {"A": "1", "LD_PRELOAD": str(library), mark: "1"}
+    assert memory.preload_jemalloc("jemalloc", {"LD_PRELOAD": "/x.so"}) == {"LD_PRELOAD": f"{library} /x.so", mark: "1"}
     assert memory.preload_jemalloc("auto", {"LD_PRELOAD": "/x.so"}) is None  # the operator's own preload stays alone
     assert memory.preload_jemalloc("glibc", {}) is None
     # Re-executed, yet not on jemalloc (the linker ignored the library): never again; an explicit choice says so.

@@ -124,9 +124,6 @@ def jemalloc_path() -> str | None:
 
 #: Set in the environment of the re-executed process: it never re-executes again, whatever it finds.
 REEXEC_MARK = "SAFT_ALLOCATOR_REEXEC"
-#: jemalloc's options unless the operator sets MALLOC_CONF: a background thread purges freed pages after 1 s (its
-#: default, 10 s and only on allocation, keeps the pages of the last busy seconds resident).
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
 
 def preload_jemalloc(choice: str, env: Mapping[str, str]) -> dict[str, str] | None:
@@ -152,4 +149,4 @@ def preload_jemalloc(choice: str, env: Mapping[str, str]) -> dict[str, str] | No
                                f"libjemalloc2; looked in {', '.join(_JEMALLOC_PATHS)} and the linker's path)")
         return None
     preload = env.get("LD_PRELOAD", "")
-    return {"MALLOC_CONF": JEMALLOC_CONF, **env, "LD_PRELOAD": f"{path} {preload}".strip(), REEXEC_MARK: "1"}
+    return {**env, "LD_PRELOAD": f"{path} {preload}".strip(), REEXEC_MARK: "1"}
