@@ -3,7 +3,8 @@
 A thin shell over ``app.core.pipeline``; every line of every input is accounted for in the output.
 
 Owns: the typer commands, their options, progress bars and tables, and where outputs and reports go. Must not: parse,
-format, embed, fit or score in a way of its own (``app.core`` does), read ``os.environ`` (``get_settings``), import the
+format, embed, fit or score in a way of its own (``app.core`` does), read a ``SAFT_*`` knob from ``os.environ`` (``get_settings``; ``serve``
+passes the environment on whole to its jemalloc re-exec), import the
 service (``app.api``), the Ray engine or the remote client at module level (only ``serve``, ``--engine ray`` and
 ``--url`` import them), or import datatrove, NeMo Curator or ``app.integrations`` (an import-linter contract).
 """

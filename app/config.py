@@ -1,6 +1,8 @@
 """Every knob of saft-filter, read once from the environment (prefix ``SAFT_``) or ``.env``.
 
-Nothing else in the package reads ``os.environ``; code receives a ``Settings`` instance.
+No other module reads a ``SAFT_*`` knob from ``os.environ``; code receives a ``Settings`` instance. (The environment is
+passed on whole where a process is started — ``app.launcher``, the jemalloc re-exec in ``saft serve`` — and the Ray
+engine turns Ray's usage report off there.)
 
 Owns: ``Settings`` (every ``SAFT_*`` knob, its default and validation), ``BATCH_DEFAULTS`` and ``get_settings``.
 Must not: import anything of ``app`` (the core imports it, so it sits below every layer), or import torch at module
