@@ -103,7 +103,7 @@ def _load_scoring(name: str | None, version: str | None, model: str | None) -> t
     settings = get_settings()
     subspace, manifest = load_version(settings.models_dir, name or settings.subspace_name, version)
     embedder = _load_embedder(model or manifest.model_id)
-    check_compatible(manifest, embedder)
+    check_compatible(manifest, subspace, embedder)
     return embedder, subspace, manifest
 
 

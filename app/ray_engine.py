@@ -168,7 +168,7 @@ class LineScorer:
     def __init__(self, settings: Settings, subspace: Subspace, manifest: Manifest, threshold: float | None,
                  reading: Reading = ("auto", None)) -> None:
         self.embedder = Embedder.from_settings(settings, manifest.model_id)
-        check_compatible(manifest, self.embedder)
+        check_compatible(manifest, subspace, self.embedder)
         self.subspace, self.manifest, self.threshold, self.reading = subspace, manifest, threshold, reading
         self.embed = direct_embed(self.embedder)  # from_settings: the configured batch limits
 

@@ -30,6 +30,15 @@ def block_params(embedder: Embedder, n_blocks: int) -> int:
     return sum(p.numel() for block in list(embedder._blocks)[:n_blocks] for p in block.parameters())
 
 
+def attention_flops(embedder: Embedder, encoded: list[Encoded], n_blocks: int) -> int:
+    """The attention FLOPs a causal pass must do over the real tokens: per block and item of n tokens, QKᵀ and the
+    weighted sum of V over the lower triangle, 2 · 2 · d · n(n+1)/2 (d = heads × head dim). Padding is not counted
+    (it is waste, as in the 2·params·tokens count), nor the softmax (O(n²) but not FLOPs a matmul bounds)."""
+    cfg = embedder.model.config
+    d = int(cfg.num_attention_heads) * int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return n_blocks * sum(2 * d * len(e.input_ids) * (len(e.input_ids) + 1) for e in encoded)
+
+
 def timed_embed(embedder: Embedder, encoded: list[Encoded], config: EmbeddingConfig, tokens: int, size: int) -> float:
     """Seconds to embed ``encoded`` in length-sorted batches, timed in a worker thread as the service runs it."""
 
@@ -60,19 +69,29 @@ def op_shares(embedder: Embedder, encoded: list[Encoded], config: EmbeddingConfi
 def run_core(n: int, layers: str, max_length: int, batch_sizes: str, token_budgets: str, model: str, device: str,
              profile_batch: int, results: Path, name: str | None = None) -> dict[str, Any]:
     embedder = Embedder.load(model, device=device)
-    config = EmbeddingConfig(layers=tuple(int(x) for x in layers.split(",")), pooling="mean", max_length=max_length)
+    if layers == "default":  # the committed default's embedding: its layer, pooling, template and window
+        from app.config import PROJECT_ROOT
+        from app.store.artifacts import load_version
+
+        config = load_version(PROJECT_ROOT / "models", "default")[1].embedding
+        max_length = config.max_length
+    else:
+        config = EmbeddingConfig(layers=tuple(int(x) for x in layers.split(",")), pooling="mean", max_length=max_length)
     encoded = embedder.encode_items([parse_item(t) for t in texts(n)], config)
     tokens = sum(len(e.input_ids) for e in encoded)
     deepest = max(embedder.normalize_layers(config.layers))
     flops_per_token = 2 * block_params(embedder, deepest)
+    attention = attention_flops(embedder, encoded, deepest) if embedder.is_decoder else 0
     embedder.embed(encoded[:8], config)  # warm-up
     peak = in_worker_thread(lambda: matmul_gflops(embedder.device, embedder.dtype))
 
     def row(**plan: int) -> dict[str, Any]:
         elapsed = timed_embed(embedder, encoded, config, plan.get("max_batch_tokens", 1 << 30), plan.get("max_batch_size", 1 << 30))
         gflops = flops_per_token * tokens / elapsed / 1e9
+        with_attention = (flops_per_token * tokens + attention) / elapsed / 1e9
         out = {**plan, "seconds": round(elapsed, 3), "texts_per_s": round(n / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-               "gflops": round(gflops, 1), "fraction_of_matmul": round(gflops / peak, 3)}
+               "gflops": round(gflops, 1), "fraction_of_matmul": round(gflops / peak, 3),
+               "gflops_with_attention": round(with_attention, 1), "fraction_with_attention": round(with_attention / peak, 3)}
         typer.echo(json.dumps(out))
         return out
 
@@ -84,8 +103,8 @@ def run_core(n: int, layers: str, max_length: int, batch_sizes: str, token_budge
     return save(name or f"core-{embedder.device.type}", {
         "command": "python -m bench.run core" if name is None else f"python -m bench.run {name}",
         "model": embedder.model_id, "dtype": str(embedder.dtype).removeprefix("torch."),
-        "items": n, "tokens": tokens, "layers": list(config.layers), "blocks_run": deepest, "max_length": max_length,
-        "flops_per_token": flops_per_token, "matmul_gflops": round(peak, 1), "matmul_gflops_after": round(peak_after, 1),
+        "items": n, "tokens": tokens, "embedding": config.as_dict(), "layers": list(config.layers), "blocks_run": deepest,
+        "max_length": max_length, "flops_per_token": flops_per_token, "attention_flops": attention, "matmul_gflops": round(peak, 1), "matmul_gflops_after": round(peak_after, 1),
         "by_batch_size": by_size, "by_token_budget": by_budget, "best": best,
         "op_time_shares": {"batch_size": profile_batch, **shares} if shares else None,
     }, results)
@@ -93,7 +112,8 @@ def run_core(n: int, layers: str, max_length: int, batch_sizes: str, token_budge
 
 def core(
     n: Annotated[int, typer.Option(help="Items.")] = 256,
-    layers: Annotated[str, typer.Option(help="Layer(s) embedded.")] = "20",
+    layers: Annotated[str, typer.Option(help="Layer(s) embedded (mean pooling), or 'default': the committed default's "
+                                        "embedding (layer, pooling, template, window; --max-length is then its own).")] = "20",
     max_length: int = 256,
     batch_sizes: Annotated[str, typer.Option(help="Max batch sizes to try (no token budget).")] = "1,2,4,8,16,32",
     token_budgets: Annotated[str, typer.Option(help="Padded-token budgets to try (batch size up to 256).")] = "512,1024,2048,8192",
@@ -102,7 +122,8 @@ def core(
     profile_batch: Annotated[int, typer.Option(help="Batch size of one profiled pass (op time shares); 0 skips it.")] = 4,
     results: ResultsOpt = RESULTS,
 ) -> None:
-    """Hardware limit: embedding GFLOP/s (2·params·tokens of the blocks run) by batch plan vs a large matmul."""
+    """Hardware limit: embedding GFLOP/s (2·params·tokens of the blocks run, and with the causal attention FLOPs) by
+    batch plan vs a large matmul."""
     run_core(n, layers, max_length, batch_sizes, token_budgets, model, device, profile_batch, results)
 
 

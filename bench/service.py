@@ -156,3 +156,51 @@ def cache(
                    "concurrency": concurrency, "env": env_d, "off": public(runs["off"]), "on": public(runs["on"]),
                    "speedup": round(runs["on"]["texts_per_s"] / runs["off"]["texts_per_s"], 3),
                    "ideal_speedup": round(n / distinct, 3)}, results)
+
+
+#: Environment a ``threads`` variant may set: the service's settings and the thread runtimes' own variables.
+_THREAD_ENV_PREFIXES = ("SAFT_", "OMP_", "GOMP_", "MKL_", "KMP_")
+
+
+def _variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, pairs = spec.partition(":")
+    env: dict[str, str] = {}
+    for pair in filter(None, pairs.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith(_THREAD_ENV_PREFIXES):
+            raise typer.BadParameter(f"--variant: expected NAME:KEY=VALUE,... with KEY one of {_THREAD_ENV_PREFIXES}*, got {spec!r}")
+        env[key] = value
+    if not name:
+        raise typer.BadParameter(f"--variant {spec!r} has no name")
+    return name, env
+
+
+def threads(
+    variant: Annotated[list[str], typer.Option(help="NAME:KEY=VALUE,... (empty after the colon: the defaults); two or more.")],
+    n: Annotated[int, typer.Option(help="Requests per run (one item each).")] = 96,
+    concurrency: int = 32,
+    rounds: Annotated[int, typer.Option(help="Runs per variant, in alternating order.")] = 2,
+    results: ResultsOpt = RESULTS,
+) -> None:
+    """Thread settings of the service compared through HTTP: every variant's server up at once, runs alternating.
+
+    E.g. ``--variant default: --variant passive:OMP_WAIT_POLICY=PASSIVE --variant one-thread:SAFT_NUM_THREADS=1``.
+    """
+    variants = dict(_variant(v) for v in variant)
+    if len(variants) < 2:
+        raise typer.BadParameter("give at least two --variant")
+    items = texts(n, seed=5)
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        urls = {name: stack.enter_context(saft_server(env)) for name, env in variants.items()}
+        for url in urls.values():
+            drive(url, items[:16], 4)  # warm-up
+        pooled = alternate({name: (lambda c, u=url: drive(u, items, c)) for name, url in urls.items()}, concurrency, rounds)
+    first = next(iter(variants))
+    rows = {name: {**public(run), "env": variants[name],
+                   "ratio_to_" + first: round(run["texts_per_s"] / pooled[first]["texts_per_s"], 3)} for name, run in pooled.items()}
+    for name, row in rows.items():
+        typer.echo(f"{name}: {json.dumps(row)}")
+    save("threads", {"command": "python -m bench.run threads " + " ".join(f"--variant {v}" for v in variant),
+                     "items": n, "concurrency": concurrency, "rounds": rounds, "variants": rows}, results)

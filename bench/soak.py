@@ -3,8 +3,11 @@
     python -m bench.soak --minutes 8            # starts its own server (models/default), writes bench/soak.json
     python -m bench.soak --url http://127.0.0.1:8000 --pid 1234 --minutes 8
 
-Phases: warm-up (8 clients), at capacity (4), beyond capacity (48 clients against a small queue, so
-the service must shed load with 429 + Retry-After), recovery (2). Per phase: requests, status codes,
+Phases: warm-up (8 clients, then a short burst at the peak's 48), at capacity (4), beyond capacity (48 clients
+against a small queue, so the service must shed load with 429 + Retry-After), recovery (2). The warm-up visits every
+load level once, so that what a first peak allocates for good (threads, the allocator's per-thread caches and arenas,
+buffers sized by the queue) counts as warm-up, and growth after it is creep: the last sample minus the warm-up's
+last, and a least-squares trend over everything after the warm-up (MB per 10 minutes). Per phase: requests, status codes,
 429s without Retry-After, transport errors, latency percentiles of the 200s, and the server's
 resident memory (VmRSS) with the server's own heap and cache gauges (``saft_heap_bytes``, ``saft_cache_bytes``)
 sampled every ``--sample-s`` seconds: the curve says where memory goes (the cache filling to its bound, heap in use,
@@ -73,6 +76,19 @@ class PhaseResult:
 def texts(limit: int = 400) -> list[str]:
     rows = [json.loads(line) for line in DATA.open()]
     return [(r.get("text") or r.get("prompt") or "")[:limit] for r in rows if r.get("text") or r.get("prompt")]
+
+
+def thread_count(pid: int | None) -> int | None:
+    """The server's thread count (``Threads:`` in /proc/PID/status), None without its pid or /proc."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -147,7 +163,9 @@ async def run_phases(url: str, phases: list[Phase], pid: int | None = None, seed
                             gauges = await server_memory(probe)
                         except httpx.HTTPError:
                             gauges = {}
-                        result.samples.append({"t": round(time.monotonic() - began, 1), "rss_mb": value, **gauges})
+                        threads = thread_count(pid)
+                        result.samples.append({"t": round(time.monotonic() - began, 1), "rss_mb": value, **gauges,
+                                               **({"threads": threads} if threads is not None else {})})
                     await asyncio.sleep(sample_s)
 
             rng = random.Random(seed + len(results))
@@ -159,8 +177,24 @@ async def run_phases(url: str, phases: list[Phase], pid: int | None = None, seed
 
 def default_phases(minutes: float) -> list[Phase]:
     total = minutes * 60
-    return [Phase("warm-up", 0.1 * total, 8), Phase("at capacity", 0.3 * total, 4),
+    return [Phase("warm-up", 0.07 * total, 8), Phase("warm-up, peak", 0.03 * total, 48), Phase("at capacity", 0.3 * total, 4),
             Phase("beyond capacity", 0.45 * total, 48), Phase("recovery", 0.15 * total, 2)]
+
+
+def growth_after_warm_up(results: list[PhaseResult]) -> tuple[dict[str, float], float | None]:
+    """Each sampled quantity's last value minus its value at the end of the warm-up phases (those named "warm-up..."),
+    and the least-squares slope of RSS over the samples after the warm-up, in MB per 10 minutes."""
+    warm = [s for r in results if r.name.startswith("warm-up") for s in r.samples]
+    after = [s for r in results if not r.name.startswith("warm-up") for s in r.samples]
+    if not warm or not after:
+        return {}, None
+    growth = {key: round(after[-1][key] - warm[-1][key], 1) for key in warm[-1] if key != "t" and key in after[-1]}
+    trend = None
+    if len(after) >= 3:
+        t = np.array([s["t"] for s in after])
+        rss = np.array([s["rss_mb"] for s in after])
+        trend = round(float(np.polyfit(t, rss, 1)[0]) * 600, 1)
+    return growth, trend
 
 
 def main() -> None:
@@ -188,11 +222,11 @@ def main() -> None:
         finally:
             stop_server(proc)
     summaries = [r.summary() for r in results]
-    warm, last = results[0].samples, results[-1].samples
-    growth = {key: round(last[-1][key] - warm[-1][key], 1) for key in warm[-1] if key != "t" and key in last[-1]} if warm and last else {}
+    growth, trend = growth_after_warm_up(results)
     command = " ".join(["python -m bench.soak", f"--minutes {args.minutes:g}", *(f"--env {e}" for e in args.env)])
     report = {"command": command, "server_env": env, "phases": summaries,
               "rss_growth_after_warm_up_mb": growth.get("rss_mb"), "growth_after_warm_up_mb": growth,
+              "rss_trend_after_warm_up_mb_per_10min": trend,
               "curve": [sample | {"phase": r.name} for r in results for sample in r.samples]}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "curve"}, indent=2))

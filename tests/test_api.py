@@ -277,6 +277,10 @@ def test_refit_under_load_then_rollback(served, calibration_rows: list[dict], de
     assert listing == {"name": "apitest", "active": "v2", "versions": ["v1", "v2"]}
     info = httpx.get(f"{url}/subspace", headers=C).json()
     assert info["manifest"]["threshold"]["policy"] == {"kind": "fpr", "value": 0.1}
+    # the refit recorded its numeric path and probe items; clients see how many, not the calibration texts
+    assert info["manifest"]["numeric_path"] == {"device": "cpu", "dtype": "float32", "attention": "sdpa", "compiled": False}
+    stored = json.loads((root / "models" / "apitest" / "v2" / "manifest.json").read_text())["probes"]
+    assert info["manifest"]["probes"] == {"count": len(stored)} and len(stored) >= 2
     r = httpx.post(f"{url}/subspace/versions/v1/activate", headers=A)
     assert r.status_code == 200 and r.json()["active"] is True
     assert httpx.post(f"{url}/score", json={"items": [{"text": "hello"}]}, headers=C).json()["subspace"]["version"] == "v1"

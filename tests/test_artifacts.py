@@ -66,11 +66,11 @@ def test_bad_versions_are_refused(tmp_path: Path, version: str) -> None:
 
 
 def test_mismatched_model_is_refused(tmp_path: Path, embedder: Embedder) -> None:
-    manifest = demo_manifest()
+    manifest, (subspace, _) = demo_manifest(), random_subspace()
     with pytest.raises(ArtifactError, match="refit it for this model"):
-        check_compatible(manifest, embedder)
+        check_compatible(manifest, subspace, embedder)
     manifest.weights_digest = embedder.weights_digest
-    check_compatible(manifest, embedder)
+    check_compatible(manifest, subspace, embedder)
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:

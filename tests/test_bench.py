@@ -143,3 +143,31 @@ def test_quantize_lever_reports_speed_and_score_change_on_the_committed_default(
     # int8 moves the scores (it is not the fp32 path) but stays in their range; the verdict count is bounded by the items
     assert 0 < data["max_abs_delta_score"] < 10 * data["median_abs_tau"] + 1
     assert 0 <= data["verdicts_flipped"] <= 12 and isinstance(data["kept"], bool)
+
+
+def test_plain_loop_benchmark_compares_the_service_with_a_transformers_loop(tmp_path: Path) -> None:
+    data = invoke(tmp_path / "r.json", "plain", "--n", "4", "--rounds", "1", "--concurrency", "2")["plain-loop"]
+    assert data["loop"]["subspace"].startswith("default/") and data["loop"]["batch_size"] == 4
+    assert len(data["runs"]["loop"]) == len(data["runs"]["service"]) == 1
+    assert data["runs"]["service"][0]["requests"] == 4  # every text answered, one per request
+    loop_rate = 4 / data["runs"]["loop"][0]["seconds"]
+    assert data["loop_texts_per_s"] == pytest.approx(loop_rate, rel=1e-3)
+    assert data["ratio_service_over_loop"] == pytest.approx(data["service_texts_per_s"] / data["loop_texts_per_s"], rel=1e-2)
+
+
+def test_padding_mask_lever_compares_the_causal_pass_with_the_masked_one(tmp_path: Path) -> None:
+    data = invoke(tmp_path / "r.json", "padding-mask", "--n", "8", "--rounds", "1")["padding-mask"]
+    assert set(data["texts_per_s"]) == {"fp32", "no-mask"} and data["items"] == 8
+    assert data["max_abs_delta_score"] < 1e-3 and data["verdicts_flipped"] == 0  # the same vectors, another kernel
+    assert data["speedup"] == pytest.approx(sum(data["seconds"]["fp32"]) / sum(data["seconds"]["no-mask"]), rel=1e-2)
+
+
+def test_threads_benchmark_compares_server_variants(tmp_path: Path, encoder_models: Path) -> None:
+    base = f"SAFT_MODEL=all-minilm-l6-v2,SAFT_MODELS_DIR={encoder_models},SAFT_SUBSPACE_NAME={SUBSPACE}"
+    data = invoke(tmp_path / "r.json", "threads", "--variant", f"default:{base}", "--variant",
+                  f"passive:{base},OMP_WAIT_POLICY=PASSIVE", "--n", "6", "--concurrency", "2", "--rounds", "1")["threads"]
+    rows = data["variants"]
+    assert set(rows) == {"default", "passive"} and rows["passive"]["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert all(r["requests"] == 6 for r in rows.values()) and rows["default"]["ratio_to_default"] == 1.0
+    assert rows["passive"]["ratio_to_default"] == pytest.approx(
+        rows["passive"]["texts_per_s"] / rows["default"]["texts_per_s"], rel=0.02)

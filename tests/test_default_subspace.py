@@ -15,7 +15,7 @@ from tests.support import DATA_DIR
 
 def test_default_subspace_is_compatible_and_detects_harm(embedder: Embedder, dev_rows: list[dict]) -> None:
     subspace, manifest = load_version(PROJECT_ROOT / "models", "default")
-    check_compatible(manifest, embedder)  # the committed artifact matches the converted weights
+    check_compatible(manifest, subspace, embedder)  # the committed artifact matches the converted weights
     # Fitted on the whole labelled pool (calibration + dev_eval + extra_sources), every valid line of it.
     files = manifest.calibration["path"].split(",")
     assert files == ["calibration.jsonl", "dev_eval.jsonl", "extra_sources.jsonl"]

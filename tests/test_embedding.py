@@ -29,9 +29,27 @@ def test_embedding_does_not_depend_on_batch(embedder: Embedder, calibration_rows
         assert _rel(together[i], alone) < 1e-4
 
 
+def test_a_decoder_pass_without_the_padding_mask_gives_the_masked_vectors(embedder: Embedder,
+                                                                        calibration_rows: list[dict]) -> None:
+    # Right padding and causal attention: no real token sees the padding, so the mask can be left to SDPA's is_causal.
+    config = EmbeddingConfig(layers=(4, 16), pooling="mean", max_length=128)
+    encoded = embedder.encode_items([parse_item(r) for r in calibration_rows[:6]], config)
+    assert len({len(e.input_ids) for e in encoded}) > 1, "the batch must be padded"
+    assert embedder.mask_padding is False  # the decoder's default
+    unmasked = embedder.forward(encoded, config)
+    embedder.mask_padding = True
+    try:
+        masked = embedder.forward(encoded, config)
+    finally:
+        embedder.mask_padding = False
+    for a, b in zip(unmasked, masked, strict=True):
+        assert _rel(a, b) < 1e-4
+
+
 def test_encoder_batch_invariance_and_dim(encoder: Embedder, calibration_rows: list[dict]) -> None:
     config = EmbeddingConfig(layers=(-1,), pooling="mean", template="plain", max_length=128, truncation_side="right")
     encoded = encoder.encode_items([parse_item(r) for r in calibration_rows[:8]], config)
+    assert encoder.mask_padding is True  # bidirectional: without the mask, real tokens would attend to the padding
     together = encoder.forward(encoded, config)
     assert together.shape == (8, 384)
     for i, enc in enumerate(encoded):

@@ -130,6 +130,8 @@ def test_an_outage_is_reported_as_unavailable_and_passes(redis_server: RedisServ
 
 
 def test_cache_key_covers_everything_that_changes_the_embedding() -> None:
+    from app.core.numeric_path import REFERENCE_PATH, NumericPath
+
     base = EmbeddingConfig(layers=(20,), pooling="mean")
     key = cache_key("w1", base, "hello")
     variants = [
@@ -140,8 +142,11 @@ def test_cache_key_covers_everything_that_changes_the_embedding() -> None:
         cache_key("w1", EmbeddingConfig(layers=(20,), pooling="mean", template="plain"), "hello"),
         cache_key("w1", EmbeddingConfig(layers=(20,), pooling="mean", max_length=128), "hello"),
         cache_key("w1", EmbeddingConfig(layers=(20,), pooling="mean", truncation_side="right"), "hello"),
+        cache_key("w1", base, "hello", NumericPath("cuda", "bfloat16", "sdpa")),
+        cache_key("w1", base, "hello", NumericPath("cpu", "float32", "sdpa", compiled=True)),
     ]
     assert key == cache_key("w1", base, "hello") and len({key, *variants}) == len(variants) + 1
+    assert cache_key("w1", base, "hello", REFERENCE_PATH) == key  # keys stored before paths were recorded stay valid
 
 
 def entry(seed: int, dim: int = 64) -> CachedEmbedding:

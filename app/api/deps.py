@@ -5,6 +5,9 @@ token other than in constant time, or know routes, models or scores.
 
 The identity (a digest of the bearer token, else the client's address) is what the batcher shares the worker
 between and what rate limits count; never the token itself, which stays out of memory structures and logs.
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in anyio's thread pool, a thread hop per
+request and, under a burst, up to 40 worker threads that start and expire (each with its own allocator caches).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from app.serving.service import ScoringService
 bearer = HTTPBearer(auto_error=False)
 
 
-def get_service(request: Request) -> ScoringService:
+async def get_service(request: Request) -> ScoringService:
     return request.app.state.service
 
 
@@ -39,7 +42,7 @@ def _identity(request: Request, credentials: HTTPAuthorizationCredentials | None
     return "address:" + (request.client.host if request.client else "unknown")
 
 
-def require_client(
+async def require_client(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     service: ScoringService = Depends(get_service),
@@ -55,7 +58,7 @@ def require_client(
     return _identity(request, credentials)
 
 
-def require_admin(
+async def require_admin(
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     service: ScoringService = Depends(get_service),
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
@@ -19,7 +19,7 @@ from app.api.deps import get_service, require_admin, require_client
 from app.api.errors import NotFound, PayloadTooLarge
 from app.api.schemas import JobState, RefitAccepted, SubspaceInfo, VersionList
 from app.core.anchoring import Activation
-from app.core.manifest import ArtifactError
+from app.core.manifest import ArtifactError, Manifest
 from app.core.pipeline import FitParams
 from app.core.subspace import FitError
 from app.serving.service import REFIT_UPLOAD, ScoringService
@@ -37,7 +37,16 @@ async def _info(service: ScoringService, version: str) -> SubspaceInfo:
         raise NotFound(str(err)) from None
     current = service.subspaces.current
     return SubspaceInfo(name=manifest.name, version=manifest.version,
-                        active=current is not None and current.manifest.version == manifest.version, manifest=manifest.to_json())
+                        active=current is not None and current.manifest.version == manifest.version,
+                        manifest=public_manifest(manifest))
+
+
+def public_manifest(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as clients see it: the probe items (calibration texts, harmful ones among them) counted, not
+    shown; the file under models/ keeps them."""
+    data = manifest.to_json()
+    data["probes"] = {"count": len(manifest.probes)}
+    return data
 
 
 @router.get("", response_model=SubspaceInfo, dependencies=[Depends(require_client)], summary="The active subspace")

@@ -2,7 +2,8 @@
 
 Owns the model: resolving it (a GGUF, the embedded default's included, converted once into the model cache),
 tokenizing, layer capture, pooling, ``BatchLimits`` (the one offline batch planner) and ``cache_key``. Forward passes
-run in the CLI's loop or the service's inference worker; the block hooks act per thread, so a second pass may run
+run in the CLI's loop or the service's inference worker (and, when a version is loaded on a numeric path other than
+its own, its probe items in the loading thread); the block hooks act per thread, so a second pass may run
 while one is paused at its ``checkpoint`` (the batcher's overtaking batch). Tokenizing may run in any thread.
 
 Must not: know HTTP, subspaces, queues or Redis, decide when a pass pauses (its caller's ``checkpoint`` does), or keep
@@ -30,6 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.core.items import Item, Template, content_span, make_formatter
+from app.core.numeric_path import REFERENCE_PATH, NumericPath
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -235,6 +237,12 @@ class Embedder:
         if self.pad_id is None:
             raise EmbeddingError(f"tokenizer of {model_id} has neither a pad nor an EOS token")
         self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        #: Whether a pass hands the padding mask to the model. A decoder gets none: its causal attention never lets a
+        #: real token see the right padding after it, so the real tokens' states are the same without it, and SDPA
+        #: runs its ``is_causal`` kernel (the upper triangle skipped) instead of a materialized (batch, 1, L, L) mask.
+        #: Position ids are the same too (0..n-1 for every row). An encoder attends both ways and needs the mask.
+        self.mask_padding = not is_decoder
+        self.compiled = False  # compile_blocks()
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
 
@@ -273,7 +281,18 @@ class Embedder:
             torch.set_num_threads(settings.num_threads)
         embedder = cls.load(model or settings.model, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
         embedder.batch_limits = BatchLimits(settings.max_batch_tokens, settings.max_batch_size)
+        if settings.compile_blocks:
+            embedder.compile_blocks()
         return embedder
+
+    def compile_blocks(self) -> None:
+        """Replace every block's ``forward`` with its ``torch.compile`` form (inductor, dynamic shapes, so the batches'
+        varying sizes and lengths do not recompile per request). Not ``nn.Module.compile``, which would trace the block
+        hooks too: layer capture, the stop after the deepest layer and the checkpoint stay eager around each block.
+        The first passes compile (tens of seconds on a CPU); the path is recorded as compiled (``numeric_path``)."""
+        for block in self._blocks:
+            block.forward = torch.compile(block.forward, dynamic=True)
+        self.compiled = True
 
     # ----------------------------------------------------------------------------- text
     def formatter(self, template: Template):
@@ -356,6 +375,17 @@ class Embedder:
             out.append(absolute)
         return tuple(out)
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The transformer blocks, in order (hooked once at construction)."""
+        return self._blocks
+
+    @property
+    def numeric_path(self) -> NumericPath:
+        """How this embedder computes hidden states (recorded by every fit, checked when a version is loaded)."""
+        attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+        return NumericPath(self.device.type, str(self.dtype).removeprefix("torch."), attention, self.compiled)
+
     def dim(self, config: EmbeddingConfig) -> int:
         return self.hidden_size * len(config.layers)
 
@@ -388,7 +418,8 @@ class Embedder:
     @torch.inference_mode()
     def hidden_states(self, batch: Sequence[Encoded], layers: Sequence[int],
                       checkpoint: Callable[[], None] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Hidden states of absolute ``layers`` for one right-padded batch, and its attention mask.
+        """Hidden states of absolute ``layers`` for one right-padded batch, and its attention mask (for pooling; a
+        decoder's pass runs without it, see ``mask_padding``).
 
         Only the blocks up to the deepest requested layer run: the hook after that block stops the pass.
         ``checkpoint`` is called after each block before it (it may block: the service's batcher pauses a batch
@@ -406,7 +437,7 @@ class Embedder:
         current = _Pass(frozenset(layers), deepest, checkpoint, {})
         self._pass.current = current
         try:
-            self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=mask if self.mask_padding else None, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -432,7 +463,8 @@ class Embedder:
     def forward(self, batch: Sequence[Encoded], config: EmbeddingConfig, checkpoint: Callable[[], None] | None = None) -> np.ndarray:
         """Pooled hidden states of one batch, shape (len(batch), hidden * len(layers)), float32.
 
-        Right padding with an attention mask: a text's vector does not depend on its batch-mates.
+        Right padding (the mask for pooling; the model gets it only where ``mask_padding``): a text's vector does not
+        depend on its batch-mates.
         ``checkpoint``: see ``hidden_states``.
         """
         return self.forward_multi(batch, config.layers, [config.pooling], checkpoint)[config.pooling].reshape(len(batch), -1)
@@ -495,12 +527,17 @@ class BatchLimits:
         return batches
 
 
-def cache_key(weights_digest: str, config: EmbeddingConfig, formatted: str) -> str:
-    """The cache and embedding-store key of an item: the digest of everything that determines f(x): the weights, the embedding config and the formatted text."""
+def cache_key(weights_digest: str, config: EmbeddingConfig, formatted: str, path: NumericPath | None = None) -> str:
+    """The cache and embedding-store key of an item: the digest of everything that determines f(x): the weights, the
+    embedding config, the formatted text and the numeric path (left out for ``REFERENCE_PATH``, so keys stored before
+    paths were recorded stay valid; a replica on a GPU or in bf16 never shares vectors with a CPU fp32 one)."""
     h = hashlib.sha256()
     for part in (weights_digest, ",".join(map(str, config.layers)), config.pooling, config.template,
                  str(config.max_length), config.truncation_side):
         h.update(part.encode())
+        h.update(b"\x00")
+    if path is not None and path != REFERENCE_PATH:
+        h.update(f"path={path.device},{path.dtype},{path.attention},{path.compiled}".encode())
         h.update(b"\x00")
     h.update(formatted.encode("utf-8", "surrogatepass"))
     return h.hexdigest()

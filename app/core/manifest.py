@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
 from app.core.embedding import EmbeddingConfig
+from app.core.items import ItemError
+from app.core.numeric_path import REFERENCE_PATH, NumericPath, Probe
 from app.core.quality import ThresholdPolicy
 from app.core.subspace import Balance, Centering, Method, SubspaceParams
 
@@ -53,6 +55,10 @@ class Manifest:
     #: How a refit on an upload came about (``app.core.pipeline.fit_lines`` with a prior): the strategy, the version it
     #: started from, the upload's counts, and both versions compared on it; the service adds its activation decision.
     refit: dict[str, Any] | None = None
+    #: The arithmetic the fit's vectors came from; versions before it was recorded ran on ``REFERENCE_PATH``.
+    numeric_path: NumericPath = REFERENCE_PATH
+    #: A few calibration items with the fit's scores: loading on another path re-scores them (``check_numeric_path``).
+    probes: list[Probe] = field(default_factory=list)
 
     def subspace_params(self) -> SubspaceParams:
         """The ``Subspace`` parameters this version was fitted with; ``ArtifactError`` for a value this build lacks."""
@@ -93,6 +99,8 @@ class Manifest:
             "quality": self.quality,
             **({"probability": self.probability} if self.probability is not None else {}),
             **({"refit": self.refit} if self.refit is not None else {}),
+            "numeric_path": self.numeric_path.as_dict(),
+            "probes": [probe.to_json() for probe in self.probes],
         }
 
     @classmethod
@@ -123,6 +131,12 @@ class Manifest:
                 quality=data.get("quality", {}),
                 probability=data.get("probability"),
                 refit=data.get("refit"),
+                numeric_path=NumericPath.from_dict(data["numeric_path"]) if "numeric_path" in data else REFERENCE_PATH,
+                probes=[Probe.from_json(probe) for probe in data.get("probes", [])],
             )
+        except ItemError as err:
+            raise ArtifactError(f"manifest field probes: {err.field}: {err.message}") from None
+        except ValueError as err:  # a probe score that is not a number
+            raise ArtifactError(f"manifest field probes: {err}") from None
         except (KeyError, TypeError) as err:
             raise ArtifactError(f"manifest is malformed: missing or wrong field {err}") from None

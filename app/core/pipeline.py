@@ -37,6 +37,7 @@ from app.core.embedding import Embedder, EmbeddingConfig, Encoded, Pooling, Trun
 from app.core.items import Item, ItemError, Sample, Shape, Template, parse_label, parse_sample
 from app.core.lines import SAFT_COLUMNS, Record, jsonl_records, open_records
 from app.core.manifest import Manifest
+from app.core.numeric_path import ProbeCollector
 from app.core.quality import ThresholdError, ThresholdPolicy, choose_thresholds, grouped_quality
 from app.core.subspace import Balance, Centering, FitError, FitStatistics, MomentAccumulator, Subspace
 
@@ -362,6 +363,7 @@ def fit_lines(
 
     acc = MomentAccumulator(embedder.dim(config))
     spool = EmbeddingSpool(acc.dim)
+    probes = ProbeCollector()
     labels: list[int | None] = []
     meta: dict[str, list[str]] = {"kind": [], "source": [], "item_kind": [], "group": []}
     n_truncated = 0
@@ -378,6 +380,7 @@ def fit_lines(
             sources = [str((line.obj or {}).get("source", "")) for line in chunk] if by_source else None
             acc.update(vectors, kinds, chunk_labels, sources)
             spool.append(vectors)
+            probes.offer([line.item for line in chunk], chunk_labels)
             labels.extend(chunk_labels)
             meta["item_kind"].extend(kinds)
             meta["kind"].extend(str((line.obj or {}).get("kind", kind)) for line, kind in zip(chunk, kinds, strict=True))
@@ -386,7 +389,7 @@ def fit_lines(
             n_truncated += sum(e.truncated for e in encoded)
         if anchor is not None:
             assert prior is not None
-            return _combine(prior, anchor, spool, labels, meta, options, config, acc, bad, n_truncated,
+            return _combine(prior, anchor, spool, labels, meta, options, config, acc, bad, n_truncated, probes, embedder,
                             name=name, calibration_digest=calibration_digest, calibration_path=calibration_path)
         options = options.resolved(bool(first_labelled and first_labelled[0]))
         subspace = Subspace(
@@ -456,6 +459,8 @@ def fit_lines(
         },
         quality=quality,
         probability=calibrated,
+        numeric_path=embedder.numeric_path,
+        probes=probes.probes(scores),
         refit=None if prior is None else {
             "strategy": "saft" if options.method == "saft" else "replace", "mode": options.mode, "not_combined": not_combined,
             "prior": _prior_ref(prior), "upload": {"n": len(labels), "labelled": 0 if y is None else len(labels)},
@@ -476,8 +481,9 @@ def _prior_ref(prior: Prior) -> dict[str, Any]:
 
 
 def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: list[int | None], meta: dict[str, list[str]],
-             options: FitOptions, config: EmbeddingConfig, acc: MomentAccumulator, bad: list[str], n_truncated: int, *,
-             name: str, calibration_digest: str, calibration_path: str) -> FitResult:
+             options: FitOptions, config: EmbeddingConfig, acc: MomentAccumulator, bad: list[str], n_truncated: int,
+             probes: ProbeCollector, embedder: Embedder, *, name: str, calibration_digest: str,
+             calibration_path: str) -> FitResult:
     """The prior's statistics plus the upload (labelled lines as given, the rest labelled by the prior's verdicts),
     fitted with the prior's parameters; τ and P(harmful) carried over unless a policy is asked for."""
     old, old_manifest = prior
@@ -528,7 +534,7 @@ def _combine(prior: Prior, stats: FitStatistics, spool: EmbeddingSpool, labels: 
         calibration={"path": calibration_path, "sha256": calibration_digest, "n_samples": int(X.shape[0]),
                      "n_truncated": n_truncated, "counts": acc.counts(), "rejected": {"count": len(bad), "lines": bad[:100]},
                      "prior_n_samples": old_manifest.calibration.get("n_samples")},
-        quality=quality, probability=probability_map,
+        quality=quality, probability=probability_map, numeric_path=embedder.numeric_path, probes=probes.probes(scores),
         refit={
             "strategy": "combined" if n_known == len(kinds) else ("anchored" if n_known == 0 else "partly labelled"),
             "mode": options.mode, "prior": _prior_ref(prior),

@@ -61,7 +61,7 @@ class LocalScorer:
         self.shape, self.columns, self.threshold = check_shape(shape), dict(columns) if columns else None, threshold
         self.subspace, self.manifest = load_version(settings.models_dir, subspace or settings.subspace_name, version)
         self.embedder = shared_embedder(settings, self.manifest.model_id)
-        check_compatible(self.manifest, self.embedder)
+        check_compatible(self.manifest, self.subspace, self.embedder)
         self.embed = direct_embed(self.embedder)  # from_settings: the configured batch limits
 
     def score_rows(self, rows: Sequence[Mapping[str, Any] | str]) -> list[tuple[Line, Scored | None]]:

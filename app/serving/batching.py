@@ -563,7 +563,8 @@ class MicroBatcher(Generic[P, R]):
 
     def _overtake_batch(self) -> list[_Item] | None:
         """A batch that may run beside the worker's (caller holds the lock): items of callers with nothing in the
-        running batch whose fair-queuing tags are due (within ``overtake_tokens`` of the virtual time), at most
+        running batch whose fair-queuing tags are due (within ``overtake_tokens`` of the virtual time at which the running
+        batch started), at most
         ``overtake_tokens`` padded tokens, around the one due first. None if there is none.
 
         The tag bound keeps it fair: an idle caller's item starts at the virtual time, so a one-item caller is due;

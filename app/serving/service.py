@@ -4,7 +4,8 @@ Owns: lifecycle (load → subspace → warm-up → batcher → ready; shutdown g
 rate), and scoring with one snapshot. Its parts, each with its own module: ``SharedEmbeddings`` (cache, in-flight
 sharing, the batcher and its forward pass), ``SubspaceVersions`` (active version, list, activation),
 ``RefitJobs``, ``FleetFollower``. Must not: touch requests or responses, or hold the parts' logic. Model code runs
-only in the batcher's worker thread (forward passes) or worker threads (tokenizing), never on the loop.
+in the batcher's worker thread (forward passes) or worker threads (tokenizing; a version's probe items when it is
+activated on a numeric path other than its own, ``app.core.numeric_path``), never on the loop.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class ScoringService:
             self._tasks.append(asyncio.create_task(self.follower.run(), name="fleet"))
         await asyncio.to_thread(self._warm_up, snapshot)
         self.batcher.start()
-        if self.settings.malloc_trim_interval_s > 0:  # freed activations otherwise stay resident (RELIABILITY.md, Memory)
+        # glibc keeps freed activations resident (RELIABILITY.md, Memory); jemalloc returns them itself
+        if self.settings.malloc_trim_interval_s > 0 and allocator() == "glibc":
             self._tasks.append(asyncio.create_task(trim_every(self.settings.malloc_trim_interval_s, metrics.HEAP_TRIMS.inc),
                                                    name="heap-trim"))
         self._accepting = True

@@ -2,7 +2,7 @@
 
 A version is written once, atomically (temp dir + rename), and never changed; ``models/<name>/ACTIVE``
 names the active version (replaced atomically). Names and versions are validated so no path
-outside ``models/`` is ever touched. Loading checks the manifest against the loaded model.
+outside ``models/`` is ever touched. Loading checks the manifest against the loaded model and the numeric path it runs.
 
 Owns: the on-disk layout, name and version validation, atomic saves and installs, the ACTIVE pointer, loading and
 ``check_compatible``, scratch files named by host and pid and their cleanup. Must not: know HTTP, Redis or the
@@ -28,6 +28,7 @@ from app.core.calibration import CalibrationError
 from app.core.calibration import check as check_calibration
 from app.core.embedding import Embedder
 from app.core.manifest import FORMAT_VERSION, ArtifactError, Manifest
+from app.core.numeric_path import NumericPathMismatch, check_numeric_path
 from app.core.subspace import FitError, Subspace
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -270,8 +271,9 @@ def load_version(root: Path, name: str, version: str | None = None) -> tuple[Sub
     return subspace, manifest
 
 
-def check_compatible(manifest: Manifest, embedder: Embedder) -> None:
-    """Refuse a subspace fitted on another model: its scores would be meaningless."""
+def check_compatible(manifest: Manifest, subspace: Subspace, embedder: Embedder) -> None:
+    """Refuse a subspace fitted on another model (its scores would be meaningless), with layers the model lacks, or on
+    another numeric path that moves its probe scores beyond the tolerance (``app.core.numeric_path``)."""
     if manifest.weights_digest != embedder.weights_digest:
         raise ArtifactError(
             f"subspace {manifest.name}/{manifest.version} was fitted on {manifest.model_id} "
@@ -279,3 +281,8 @@ def check_compatible(manifest: Manifest, embedder: Embedder) -> None:
             f"(sha256 {embedder.weights_digest[:12]}…); refit it for this model"
         )
     embedder.normalize_layers(manifest.embedding.layers)
+    try:
+        check_numeric_path(manifest.numeric_path, manifest.probes, subspace, embedder, manifest.embedding,
+                           what=f"subspace {manifest.name}/{manifest.version}")
+    except NumericPathMismatch as err:
+        raise ArtifactError(str(err)) from None

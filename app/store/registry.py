@@ -61,7 +61,7 @@ class SubspaceRegistry:
 
     def _load(self, version: str) -> ActiveSubspace:
         subspace, manifest = load_version(self.root, self.name, version)
-        check_compatible(manifest, self.embedder)
+        check_compatible(manifest, subspace, self.embedder)
         return ActiveSubspace(subspace, manifest)
 
     def activate(self, version: str, *, persist: bool = True) -> ActiveSubspace:

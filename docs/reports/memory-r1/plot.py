@@ -17,11 +17,12 @@ HERE = Path(__file__).resolve().parent
 RUNS = [("soak-5min-untrimmed.json", "5 min, before: no trim, glibc's arenas"),
         ("soak-30min.json", "30 min, after (trim every 10 s, 2 arenas)"),
         ("soak-30min-cache-off.json", "30 min, after, cache off (every item runs the model)"),
-        ("soak-30min-cache-off-jemalloc.json", "30 min, cache off, jemalloc (glibc's heap gauges unused: 0)")]
+        ("soak-30min-cache-off-jemalloc.json", "30 min, cache off, jemalloc (glibc's heap gauges unused: 0)"),
+        ("soak-30min-cache-off-async-deps.json", "30 min, cache off, jemalloc, async dependencies, warm-up with a peak")]
 
 
 def main() -> None:
-    fig, axes = plt.subplots(1, len(RUNS), figsize=(21, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(RUNS), figsize=(26, 4.5), sharey=True)
     for ax, (name, title) in zip(axes, RUNS, strict=True):
         report = json.loads((HERE / name).read_text())
         curve = report["curve"]
@@ -37,7 +38,7 @@ def main() -> None:
         for phase_end in list(ends.values())[:-1]:
             ax.axvline(phase_end, color="grey", lw=0.6, ls=":")
         ax.set_title(f"{title}\nRSS growth after warm-up {report['rss_growth_after_warm_up_mb']:+.1f} MB", fontsize=9)
-        ax.set_xlabel("minutes (dotted: phase ends: warm-up, at capacity, beyond capacity, recovery)", fontsize=8)
+        ax.set_xlabel("minutes (dotted: phase ends)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MB above the first sample")
     axes[0].legend(fontsize=8)
