@@ -201,13 +201,13 @@ def saft_server(env: dict[str, str], log_dir: Path | None = None) -> Iterator[st
         yield base
 
 
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    """``KEY=VALUE`` options into a dict (the service's settings for a benchmark run)."""
+def parse_env(pairs: list[str] | None, prefixes: tuple[str, ...] = ("SAFT_",)) -> dict[str, str]:
+    """``KEY=VALUE`` options into a dict (the service's settings for a benchmark run; ``prefixes``: the names allowed)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key.startswith("SAFT_"):
-            raise typer.BadParameter(f"--env: expected SAFT_NAME=value, got {pair!r}")
+        if not sep or not key.startswith(prefixes):
+            raise typer.BadParameter(f"--env: expected {'|'.join(prefixes)}NAME=value, got {pair!r}")
         out[key] = value
     return out
 

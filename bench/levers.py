@@ -29,6 +29,14 @@ from bench.common import RESULTS, in_worker_thread, rows, save
 from bench.core import ResultsOpt
 
 TOLERANCE_AUROC = 0.005
+NOpt = Annotated[int, typer.Option(help="dev_eval items (shuffled, seed 1).")]
+RoundsOpt = Annotated[int, typer.Option(help="Timed passes of each model, alternating.")]
+
+
+def _two_default_models() -> tuple[Embedder, Embedder]:
+    """Two separate loads of the committed default's model: the fp32 eager baseline and the one a lever changes."""
+    model_id = load_version(PROJECT_ROOT / "models", "default")[1].model_id
+    return Embedder.load(model_id), Embedder.load(model_id)
 
 
 def _auroc_by_kind(kinds: list[str], labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -93,22 +101,21 @@ def _compare(result_name: str, lever: str, variant: Embedder, fp32: Embedder, n:
 
 
 def quantize(
-    n: Annotated[int, typer.Option(help="dev_eval items (shuffled, seed 1).")] = 160,
-    rounds: Annotated[int, typer.Option(help="Timed passes of each model, alternating.")] = 2,
+    n: NOpt = 160,
+    rounds: RoundsOpt = 2,
     results: ResultsOpt = RESULTS,
 ) -> None:
     """int8 dynamic quantization vs fp32 eager on the committed default: texts/s and score changes, one run."""
     from torch.ao.quantization import quantize_dynamic
 
-    model_id = load_version(PROJECT_ROOT / "models", "default")[1].model_id
-    fp32, int8 = Embedder.load(model_id), Embedder.load(model_id)
+    fp32, int8 = _two_default_models()
     quantize_dynamic(int8.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     _compare("quantize", "int8", int8, fp32, n, rounds, f"python -m bench.run quantize --n {n} --rounds {rounds}", results)
 
 
 def compiled(
-    n: Annotated[int, typer.Option(help="dev_eval items (shuffled, seed 1).")] = 160,
-    rounds: Annotated[int, typer.Option(help="Timed passes of each model, alternating.")] = 2,
+    n: NOpt = 160,
+    rounds: RoundsOpt = 2,
     results: ResultsOpt = RESULTS,
 ) -> None:
     """``torch.compile`` (inductor, dynamic shapes) of every transformer block vs fp32 eager on the committed default.
@@ -118,21 +125,19 @@ def compiled(
     after the chosen layer, the overtaking checkpoint) stay eager around it; ``dynamic=True`` makes batch size and
     length symbolic, so the service's varying shapes do not recompile per request (the warm-up pass pays the compile).
     """
-    model_id = load_version(PROJECT_ROOT / "models", "default")[1].model_id
-    fp32, variant = Embedder.load(model_id), Embedder.load(model_id)
+    fp32, variant = _two_default_models()
     variant.compile_blocks()  # what SAFT_COMPILE_BLOCKS=true does
     _compare("compile", "compile", variant, fp32, n, rounds, f"python -m bench.run compiled --n {n} --rounds {rounds}", results)
 
 
 def padding_mask(
-    n: Annotated[int, typer.Option(help="dev_eval items (shuffled, seed 1).")] = 160,
-    rounds: Annotated[int, typer.Option(help="Timed passes of each model, alternating.")] = 2,
+    n: NOpt = 160,
+    rounds: RoundsOpt = 2,
     results: ResultsOpt = RESULTS,
 ) -> None:
     """The decoder's pass without the padding mask (SDPA's is_causal kernel; ``Embedder.mask_padding``, the default)
     vs with it (a materialized (batch, 1, L, L) mask, what transformers builds from a padded batch's mask)."""
-    model_id = load_version(PROJECT_ROOT / "models", "default")[1].model_id
-    masked, causal = Embedder.load(model_id), Embedder.load(model_id)
+    masked, causal = _two_default_models()
     masked.mask_padding = True
     causal.mask_padding = False
     _compare("padding-mask", "no-mask", causal, masked, n, rounds,

@@ -164,12 +164,7 @@ _THREAD_ENV_PREFIXES = ("SAFT_", "OMP_", "GOMP_", "MKL_", "KMP_")
 
 def _variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, pairs = spec.partition(":")
-    env: dict[str, str] = {}
-    for pair in filter(None, pairs.split(",")):
-        key, sep, value = pair.partition("=")
-        if not sep or not key.startswith(_THREAD_ENV_PREFIXES):
-            raise typer.BadParameter(f"--variant: expected NAME:KEY=VALUE,... with KEY one of {_THREAD_ENV_PREFIXES}*, got {spec!r}")
-        env[key] = value
+    env = parse_env(list(filter(None, pairs.split(","))), _THREAD_ENV_PREFIXES)
     if not name:
         raise typer.BadParameter(f"--variant {spec!r} has no name")
     return name, env

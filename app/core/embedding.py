@@ -376,11 +376,6 @@ class Embedder:
         return tuple(out)
 
     @property
-    def blocks(self) -> torch.nn.ModuleList:
-        """The transformer blocks, in order (hooked once at construction)."""
-        return self._blocks
-
-    @property
     def numeric_path(self) -> NumericPath:
         """How this embedder computes hidden states (recorded by every fit, checked when a version is loaded)."""
         attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
@@ -537,7 +532,7 @@ def cache_key(weights_digest: str, config: EmbeddingConfig, formatted: str, path
         h.update(part.encode())
         h.update(b"\x00")
     if path is not None and path != REFERENCE_PATH:
-        h.update(f"path={path.device},{path.dtype},{path.attention},{path.compiled}".encode())
+        h.update(("path=" + ",".join(map(str, path.as_dict().values()))).encode())
         h.update(b"\x00")
     h.update(formatted.encode("utf-8", "surrogatepass"))
     return h.hexdigest()

@@ -101,7 +101,8 @@ class StoredEmbed:
         if config != self.store.config:
             raise EmbeddingFileError(f"embedding file holds {self.store.config.as_dict()}, asked for {config.as_dict()}")
         texts, _ = self.embedder.format_items(items, config)
-        keys = [cache_key(self.embedder.weights_digest, config, text, self.embedder.numeric_path) for text in texts]
+        digest, path = self.embedder.weights_digest, self.embedder.numeric_path
+        keys = [cache_key(digest, config, text, path) for text in texts]
         missing = [i for i, key in enumerate(keys) if self.store.get(key) is None]
         if missing:
             encoded, vectors = self.embed([items[i] for i in missing], config)

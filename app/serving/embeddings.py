@@ -51,7 +51,8 @@ class SharedEmbeddings:
 
     def _format_and_key(self, items: Sequence[Item], config: EmbeddingConfig) -> tuple[list[str], list[int | None], list[str]]:
         texts, response_chars = self.embedder.format_items(items, config)
-        keys = [cache_key(self.embedder.weights_digest, config, text, self.embedder.numeric_path) for text in texts]
+        digest, path = self.embedder.weights_digest, self.embedder.numeric_path
+        keys = [cache_key(digest, config, text, path) for text in texts]
         return texts, response_chars, keys
 
     async def embed(self, items: Sequence[Item], config: EmbeddingConfig, *, wait: bool = False,
